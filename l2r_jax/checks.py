@@ -1,0 +1,102 @@
+"""Checks of what a user passes in, raised where it enters with a message saying what was expected.
+
+Value checks (finite, range) need concrete values: they run when a function is called eagerly or
+on NumPy inputs, and are skipped for tracers inside `jit`, where values are unknown. Shape, rank
+and dtype checks always run, as they are known at trace time.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def rank(x: Any, expected_rank: int, name: str, expected: str) -> None:
+  """Raises ValueError unless x has `expected_rank` dimensions; `expected` spells the shape."""
+  ndim = np.ndim(x)
+  if ndim != expected_rank:
+    raise ValueError(f"{name} must have shape {expected} ({expected_rank} dims), "
+                     f"got shape {tuple(np.shape(x))}")
+
+
+def shape(x: Any, expected_shape: Sequence[int | None], name: str, expected: str) -> None:
+  """Raises ValueError unless x's shape matches `expected_shape` (None matches any size)."""
+  got = tuple(np.shape(x))
+  ok = len(got) == len(expected_shape) and all(
+      e is None or e == g for e, g in zip(expected_shape, got))
+  if not ok:
+    raise ValueError(f"{name} must have shape {expected}, got shape {got}")
+
+
+def floating(x: Any, name: str) -> None:
+  """Raises ValueError unless x has a floating dtype (float32, bfloat16, float16, float64)."""
+  if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+    raise ValueError(f"{name} must be a floating-point array, got dtype {jnp.result_type(x)}")
+
+
+def integer(x: Any, name: str) -> None:
+  """Raises ValueError unless x has an integer dtype."""
+  if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+    raise ValueError(f"{name} must be an integer array, got dtype {jnp.result_type(x)}")
+
+
+def finite(x: Any, name: str) -> None:
+  """Raises ValueError if a concrete x holds NaN or inf."""
+  if _is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x, np.float32)))):
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x, np.float32))))
+    raise ValueError(f"{name} must be finite, got {bad} NaN or inf value(s)")
+
+
+def positive(x: Any, name: str) -> None:
+  """Raises ValueError unless a concrete scalar x is finite and > 0."""
+  if np.ndim(x) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {tuple(np.shape(x))}")
+  if _is_concrete(x) and not (np.isfinite(float(x)) and float(x) > 0):
+    raise ValueError(f"{name} must be a finite number > 0, got {float(x)}")
+
+
+def in_range(x: Any, lo: float, hi: float, name: str) -> None:
+  """Raises ValueError unless every value of a concrete x lies in [lo, hi]."""
+  if _is_concrete(x):
+    v = np.asarray(x, np.float64)
+    if v.size and not (np.all(np.isfinite(v)) and v.min() >= lo and v.max() <= hi):
+      raise ValueError(f"{name} must lie in [{lo}, {hi}], got values in "
+                       f"[{np.nanmin(v)}, {np.nanmax(v)}]")
+
+
+def fractions(x: Any, name: str = "fractions") -> np.ndarray:
+  """Returns fractions as f64[K] NumPy, after checking: 1-D, >= 2 points, in [0, 1], increasing.
+
+  Fractions are protocol constants, so they must be concrete (not traced). They stay float64 on
+  the host so that counts like round(0.1 * 25) are computed the same way everywhere.
+  """
+  if not _is_concrete(x):
+    raise ValueError(f"{name} must be concrete (a list or NumPy array), not a traced value")
+  v = np.asarray(x, np.float64)
+  rank(v, 1, name, "f32[K]")
+  if v.size < 2:
+    raise ValueError(f"{name} needs at least 2 points for an area under the curve, got {v.size}")
+  in_range(v, 0.0, 1.0, name)
+  if np.any(np.diff(v) <= 0):
+    raise ValueError(f"{name} must be strictly increasing, got {v.tolist()}")
+  return v
+
+
+def choice(value: Any, options: Sequence[Any], name: str) -> None:
+  """Raises ValueError unless value is one of options."""
+  if value not in options:
+    raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+
+
+def static_int(value: Any, name: str, minimum: int = 1) -> int:
+  """Returns value as int after checking it is a Python/NumPy integer >= minimum."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+  return int(value)

@@ -1,0 +1,219 @@
+"""Evaluation metrics with hard rankings: deletion / insertion AUC and the positive / negative
+perturbation test.
+
+The paper's protocol (METHOD.md): rank all H * W pixels of the map (descending, stable: of equal
+scores the lower row-major index ranks first), at 21 fractions p = 0, 0.05, ..., 1 replace the top
+round(p * H * W) pixels by the reference (ImageNet mean colour), no smoothing, and read the
+softmax probability of the predicted class. Deletion AUC (lower is better) is the trapezoid over
+p; insertion AUC (higher is better) is the same computed for -h, i.e. deleting the least
+important pixels first. Every choice is a `Protocol` field.
+
+Perturbed images are evaluated `chunk_size` fractions at a time (B * 2 * chunk_size images per
+target call), so memory stays bounded for any image size and number of steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2r_jax import checks
+from l2r_jax import objectives
+from l2r_jax import perturb
+
+Array = jax.Array
+ApplyFn = Callable[[Array], Array]
+CLASS_SOURCES = ("predicted", "label")
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """A deletion / insertion protocol; the defaults are the paper's."""
+  num_steps: int = 21  # fractions linspace(0, 1, num_steps); 21 = 5% steps
+  unit: int = 1  # side of the square ranking unit in pixels; 1 = pixels, 16 = ViT-B/16 patches
+  reference: str = "mean"  # 'mean', 'black' or 'blur' (perturb.REFERENCES)
+  insertion_reference: str | None = None  # None: as `reference`; RISE inserts from 'blur'
+  mean_color: tuple[float, ...] = perturb.IMAGENET_MEAN
+  blur_size: int = 37
+  blur_sigma: float = 37.0
+  score: str = "prob"  # 'prob' (softmax) or 'logit'
+  class_source: str = "predicted"  # 'predicted' (top-1 on the clean image) or 'label'
+  chunk_size: int = 7  # fractions per target call
+
+  def __post_init__(self):
+    checks.static_int(self.num_steps, "num_steps", minimum=2)
+    checks.static_int(self.unit, "unit")
+    checks.static_int(self.chunk_size, "chunk_size")
+    checks.choice(self.reference, perturb.REFERENCES, "reference")
+    if self.insertion_reference is not None:
+      checks.choice(self.insertion_reference, perturb.REFERENCES, "insertion_reference")
+    checks.choice(self.score, objectives.SCORES, "score")
+    checks.choice(self.class_source, CLASS_SOURCES, "class_source")
+
+  @property
+  def fractions(self) -> np.ndarray:
+    return np.linspace(0.0, 1.0, self.num_steps, dtype=np.float64)
+
+  def references(self, images: Array) -> tuple[Array, Array]:
+    """(deletion, insertion) reference images f32[B, H, W, C]."""
+    kw = dict(mean_color=self.mean_color, blur_size=self.blur_size, blur_sigma=self.blur_sigma)
+    deletion = perturb.reference_images(images, self.reference, **kw)
+    if self.insertion_reference in (None, self.reference):
+      return deletion, deletion
+    return deletion, perturb.reference_images(images, self.insertion_reference, **kw)
+
+
+def _check_inputs(images: Array, maps: Array) -> None:
+  checks.rank(images, 4, "images", "f32[B, H, W, C]")
+  checks.floating(images, "images")
+  b, h, w, _ = images.shape
+  checks.shape(maps, (b, h, w), "maps", f"f32[{b}, {h}, {w}] (one map per image)")
+  checks.floating(maps, "maps")
+  checks.finite(maps, "maps")
+
+
+def _unit_ranks(maps: Array, unit: int) -> tuple[Array, Array]:
+  """Descending ranks i32[B, h, w] of the units of maps and of -maps (the insertion order)."""
+  s = perturb.unit_scores(maps.astype(jnp.float32), unit)
+  b, gh, gw = s.shape
+  flat = s.reshape(b, gh * gw)
+  return (perturb.descending_ranks(flat).reshape(b, gh, gw),
+          perturb.descending_ranks(-flat).reshape(b, gh, gw))
+
+
+def hard_sweep(apply_fn: ApplyFn,
+               images: Array,
+               maps: Array,
+               references: tuple[Array, Array],
+               readout: Callable[[Array], Array],
+               fractions: Sequence[float] | np.ndarray,
+               *,
+               unit: int = 1,
+               chunk_size: int = 7) -> Array:
+  """`readout` of the target along both hard sweeps: f32[B, 2(deletion, insertion), K].
+
+  Args:
+    apply_fn: images f32[M, H, W, C] -> logits f32[M, classes].
+    images: f32[B, H, W, C]; maps: f32[B, H, W].
+    references: (deletion, insertion) references, each f32[B, H, W, C].
+    readout: logits f32[B, classes] of one perturbed batch -> f32[B].
+    fractions: K fractions in [0, 1], increasing.
+  """
+  _check_inputs(images, maps)
+  b, h, w, c = images.shape
+  ranks = _unit_ranks(maps, unit)
+  n = ranks[0].shape[1] * ranks[0].shape[2]
+  counts = perturb.deletion_counts(fractions, n)
+  k = len(counts)
+  chunk = min(checks.static_int(chunk_size, "chunk_size"), k)
+  padded = np.concatenate([counts, np.full(-k % chunk, counts[-1], np.int32)])
+
+  def one_chunk(chunk_counts):  # i32[chunk] -> f32[2, chunk, B]
+    batch = []
+    for sweep_ranks, ref in zip(ranks, references):
+      masks = jax.vmap(lambda n_del: perturb.hard_mask_from_ranks(sweep_ranks, n_del, unit))(
+          chunk_counts)  # [chunk, B, H, W]
+      batch.append(images[None] + masks[..., None] * (ref - images)[None])
+    x = jnp.stack(batch).reshape(2 * chunk * b, h, w, c)
+    logits = apply_fn(x)
+    checks.rank(logits, 2, "apply_fn(images)", "f32[M, classes]")
+    per_image = jax.vmap(readout)(logits.reshape(2 * chunk, b, -1))  # [2 * chunk, B]
+    return per_image.reshape(2, chunk, b)
+
+  out = jax.lax.map(one_chunk, jnp.asarray(padded).reshape(-1, chunk))  # [chunks, 2, chunk, B]
+  out = out.transpose(1, 0, 2, 3).reshape(2, -1, b)[:, :k]
+  return out.transpose(2, 0, 1)
+
+
+def class_scores_readout(classes: Array, score: str = "prob") -> Callable[[Array], Array]:
+  """Readout: the score ('prob' or 'logit') of classes i32[B], for `hard_sweep`."""
+  return lambda logits: objectives.class_scores(logits, classes[:, None], score)[:, 0]
+
+
+def top1_hit_readout(classes: Array) -> Callable[[Array], Array]:
+  """Readout: 1.0 where the top-1 prediction equals classes i32[B], else 0.0."""
+  return lambda logits: (jnp.argmax(logits, axis=-1) == classes).astype(jnp.float32)
+
+
+def evaluation_classes(apply_fn: ApplyFn, images: Array, labels: Array | None,
+                       class_source: str = "predicted") -> Array:
+  """The class each image is explained for: i32[B], top-1 on the clean image or the label."""
+  checks.choice(class_source, CLASS_SOURCES, "class_source")
+  if class_source == "predicted":
+    return jnp.argmax(apply_fn(images), axis=-1).astype(jnp.int32)
+  if labels is None:
+    raise ValueError("class_source='label' needs labels i32[B]; pass labels or use "
+                     "class_source='predicted'")
+  checks.shape(labels, (images.shape[0],), "labels", f"i32[{images.shape[0]}]")
+  checks.integer(labels, "labels")
+  return jnp.asarray(labels, jnp.int32)
+
+
+def deletion_insertion(apply_fn: ApplyFn,
+                       images: Array,
+                       maps: Array,
+                       labels: Array | None = None,
+                       protocol: Protocol = Protocol(),
+                       classes: Array | None = None) -> dict[str, Array]:
+  """Deletion and insertion AUC of attribution maps under a protocol.
+
+  Args:
+    apply_fn: the target, images f32[M, H, W, C] in [0, 1] -> logits f32[M, classes].
+    images: f32[B, H, W, C] in [0, 1].
+    maps: f32[B, H, W] attribution maps, finite.
+    labels: i32[B] ground-truth labels; needed when protocol.class_source == 'label'.
+    protocol: the protocol (default: the paper's).
+    classes: i32[B] to override the protocol's class choice.
+  Returns:
+    'deletion', 'insertion': f32[B] AUCs; 'deletion_curve', 'insertion_curve': f32[B, K];
+    'classes': i32[B].
+  """
+  _check_inputs(images, maps)
+  checks.in_range(images, 0.0, 1.0, "images")
+  if classes is None:
+    classes = evaluation_classes(apply_fn, images, labels, protocol.class_source)
+  checks.shape(classes, (images.shape[0],), "classes", f"i32[{images.shape[0]}]")
+  curves = hard_sweep(apply_fn, images, maps, protocol.references(images),
+                      class_scores_readout(classes, protocol.score), protocol.fractions,
+                      unit=protocol.unit, chunk_size=protocol.chunk_size)
+  auc = objectives.trapezoid_auc(curves, protocol.fractions)
+  return {"deletion": auc[:, 0], "insertion": auc[:, 1], "deletion_curve": curves[:, 0],
+          "insertion_curve": curves[:, 1], "classes": classes}
+
+
+# Chefer et al. 2021: remove 0%, 10%, ..., 90% of the pixels.
+PERTURBATION_FRACTIONS = tuple(np.round(np.arange(10) / 10, 2).tolist())
+
+
+def perturbation_test(apply_fn: ApplyFn,
+                      images: Array,
+                      maps: Array,
+                      labels: Array,
+                      *,
+                      fractions: Sequence[float] = PERTURBATION_FRACTIONS,
+                      reference: str = "mean",
+                      mean_color: Sequence[float] = perturb.IMAGENET_MEAN,
+                      unit: int = 1,
+                      chunk_size: int = 5) -> dict[str, Array]:
+  """Positive / negative perturbation test (Chefer et al. 2021), AUC of top-1 accuracy x 100.
+
+  POS removes the most relevant pixels first (lower is better), NEG the least relevant first
+  (higher is better). Removal replaces pixels by the reference (the mean colour: zero in the
+  target's normalised space for an ImageNet-normalised target). Accuracy is top-1 agreement with
+  `labels` (ground truth, or the clean predictions for the "original prediction" variant). The
+  AUC is the trapezoid over the fractions, so the mean over images is the AUC of the mean curve.
+
+  Returns 'pos', 'neg': f32[B] per-image AUC x 100; 'pos_curve', 'neg_curve': f32[B, K] hits.
+  """
+  _check_inputs(images, maps)
+  checks.shape(labels, (images.shape[0],), "labels", f"i32[{images.shape[0]}]")
+  checks.integer(labels, "labels")
+  ref = perturb.reference_images(images, reference, mean_color=mean_color)
+  curves = hard_sweep(apply_fn, images, maps, (ref, ref), top1_hit_readout(labels), fractions,
+                      unit=unit, chunk_size=chunk_size)
+  auc = 100.0 * objectives.trapezoid_auc(curves, fractions)
+  return {"pos": auc[:, 0], "neg": auc[:, 1], "pos_curve": curves[:, 0],
+          "neg_curve": curves[:, 1]}

@@ -21,6 +21,7 @@ Array = jax.Array
 # ImageNet mean colour in [0, 1] pixel space (METHOD.md, item 6).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 REFERENCES = ("black", "mean", "blur")
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 # ----------------------------------------------------------------------------- soft masks
@@ -52,7 +53,9 @@ def soft_deletion_masks(perm: Array, fractions: Sequence[float] | np.ndarray) ->
   if perm.shape[-1] != perm.shape[-2]:
     raise ValueError(f"perm must be square in its last two dims (f32[B, N, N]), got {perm.shape}")
   w = jnp.asarray(fraction_weights(fractions, perm.shape[-1]))
-  return jnp.clip(jnp.einsum("kj,bji->bki", w, perm.astype(jnp.float32)), 0.0, 1.0)
+  # HIGHEST: GPUs would otherwise run this f32 matmul in TF32 (10-bit mantissa); it is cheap.
+  masks = jnp.einsum("kj,bji->bki", w, perm.astype(jnp.float32), precision=_HIGHEST)
+  return jnp.clip(masks, 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -85,7 +88,7 @@ def pool_to_grid(maps: Array, grid: int) -> Array:
     raise ValueError(f"grid must be <= the map size {min(h, w)}, got {grid}")
   ah = jnp.asarray(adaptive_pool_matrix(h, grid))
   aw = jnp.asarray(adaptive_pool_matrix(w, grid))
-  cells = jnp.einsum("ih,bhw,jw->bij", ah, maps.astype(jnp.float32), aw)
+  cells = jnp.einsum("ih,bhw,jw->bij", ah, maps.astype(jnp.float32), aw, precision=_HIGHEST)
   return cells.reshape(maps.shape[0], grid * grid)
 
 

@@ -27,10 +27,13 @@ class LinearSoftmax:
     return np.asarray(image, np.float64).reshape(-1) @ self.weights + self.bias
 
   def jax_apply(self):
+    import jax
     import jax.numpy as jnp
     w = jnp.asarray(self.weights, jnp.float32)
     b = jnp.asarray(self.bias, jnp.float32)
-    return lambda images: images.reshape(images.shape[0], -1) @ w + b
+    # HIGHEST: on GPUs a default f32 matmul runs in TF32, too coarse for 1e-5 comparisons.
+    return lambda images: jnp.dot(images.reshape(images.shape[0], -1), w,
+                                  precision=jax.lax.Precision.HIGHEST) + b
 
   def contributions(self, image: np.ndarray, ref: np.ndarray, cls: int) -> np.ndarray:
     """Per-pixel drop of the log-odds of cls (2 classes) when the pixel goes to ref: f64[H, W]."""

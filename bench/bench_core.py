@@ -22,7 +22,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from l2r_jax import metrics
 from l2r_jax import objectives

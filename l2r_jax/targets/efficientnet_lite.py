@@ -285,25 +285,6 @@ def variable_shapes(model: EfficientNetLite) -> Any:
   return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, h, w, 3), jnp.float32))
 
 
-def random_variables(model: EfficientNetLite, seed: int = 0) -> dict[str, Any]:
-  """Random float32 variables like `model.init`'s (normal kernels with variance 1 / fan_in, zero
-  biases and means, unit scales and variances), built from the shapes alone with NumPy: compiling
-  `init` of the whole network, or running JAX's initialisers leaf by leaf, costs 10-15 s on a CPU.
-  """
-  rng = np.random.default_rng(seed)
-
-  def init(path, leaf):
-    name = path[-1].key
-    if name == "kernel":  # HWIO or (in, out): fan_in is every axis but the last
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in))
-    if name in ("scale", "var"):
-      return jnp.ones(leaf.shape, jnp.float32)
-    return jnp.zeros(leaf.shape, jnp.float32)  # bias, mean
-
-  return jax.tree_util.tree_map_with_path(init, variable_shapes(model))
-
-
 def load_variables(model: EfficientNetLite, path: str) -> dict[str, Any]:
   """Float32 variables of `model` from a legacy torch state dict file; ValueError on a mismatch."""
   state_dict = torch_legacy.load_state_dict(path)
@@ -353,7 +334,7 @@ def efficientnet_lite0(weights: str | None = None, *, random_init: bool = False)
   random_init=True gives random parameters (tests, benchmarks) and reads no file."""
   model = EfficientNetLite()
   if random_init:
-    variables = random_variables(model)
+    variables = base.random_variables(variable_shapes(model))
   else:
     if weights is None:
       path = default_weights_path()

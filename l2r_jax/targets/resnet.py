@@ -230,23 +230,6 @@ def load_torch_safetensors(model: nn.Module, path: str) -> dict[str, Any]:
   return dict(base.match_variables(_template(model, (64, 64)), variables, path))
 
 
-def _random_variables(model: nn.Module, size: tuple[int, int], seed: int = 0) -> dict[str, Any]:
-  """Random variables for tests and benchmarks: kernels N(0, 1 / fan_in), biases 0, BN scale 1,
-  statistics mean 0 / var 1. Drawn from the shapes alone: `model.init` would compile or run the
-  whole network (seconds for a ResNet-50 on a CPU)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = getattr(path[-1], "key", "")
-    if name == "kernel":
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.normal(0.0, fan_in**-0.5, leaf.shape), jnp.float32)
-    fill = 1.0 if name in ("scale", "var") else 0.0
-    return jnp.full(leaf.shape, fill, jnp.float32)
-
-  return dict(jax.tree_util.tree_map_with_path(draw, _template(model, size)))
-
-
 def _check_source(name: str, weights: str | None, random_init: bool) -> None:
   if random_init and weights:
     raise ValueError(f"target {name!r}: pass either a weights file or random_init=True, not both")
@@ -258,7 +241,7 @@ def imagenet_target(name: str, model: ResNet, weights: str | None = None, *,
   `.safetensors` file, or randomly with random_init=True."""
   _check_source(name, weights, random_init)
   if random_init:
-    variables = _random_variables(model, (64, 64))  # shapes do not depend on the image size
+    variables = base.random_variables(_template(model, (64, 64)))  # any size: same shapes
   else:
     path = base.require_file(weights, WEIGHTS_FIELD,
                              f"target {name!r} (a torchvision or timm .safetensors state dict)")
@@ -382,7 +365,7 @@ def cifar_resnet(weights: str | None = None, *, random_init: bool = False) -> ba
   _check_source("cifar_resnet", weights, random_init)
   model = CifarResNet()
   if random_init:
-    variables = _random_variables(model, (32, 32))
+    variables = base.random_variables(_template(model, (32, 32)))
   else:
     path = base.require_file(weights, WEIGHTS_FIELD,
                              f"target 'cifar_resnet' (a Flax msgpack, e.g. "

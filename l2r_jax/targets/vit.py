@@ -247,31 +247,16 @@ def variables_template(model: ViT) -> dict[str, Any]:
 
 
 def init_variables(model: ViT, seed: int = 0) -> dict[str, Any]:
-  """Random float32 variables {'params': ...} for tests and benchmarks, drawn with NumPy over the
-  module's shapes: kernels ~ N(0, 1 / fan_in) (LeCun normal, Flax's Dense default), biases and
-  the class token 0, norm scales 1, position embeddings ~ N(0, 0.02^2).
+  """Random float32 variables {'params': ...} for tests and benchmarks (`base.random_variables`):
+  q, k, v kernels [D, heads, head_dim] sum over their first axis only; position embeddings
+  ~ N(0, 0.02^2); the class token 0."""
 
-  Not `model.init`: compiling it takes seconds on a CPU (a threefry draw per parameter), this
-  takes milliseconds, and throughput does not depend on the values.
-  """
-  rng = np.random.default_rng(seed)
+  def fan_in(path, shape):
+    return shape[0] if path[-2] in ("query", "key", "value") else math.prod(shape[:-1])
 
-  def draw(path, leaf):
-    name, parent = path[-1].key, path[-2].key if len(path) > 1 else None
-    if name == "kernel":
-      # q, k, v kernels are [D, heads, head_dim]: only the first axis is summed over.
-      fan_in = leaf.shape[0] if parent in ("query", "key", "value") else \
-          math.prod(leaf.shape[:-1])
-      value = rng.standard_normal(leaf.shape, np.float32) / math.sqrt(fan_in)
-    elif name == "scale":
-      value = np.ones(leaf.shape)
-    elif name == "pos_embedding":
-      value = 0.02 * rng.standard_normal(leaf.shape, np.float32)
-    else:
-      value = np.zeros(leaf.shape)
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, variables_template(model))
+  return base.random_variables(
+      variables_template(model), seed, fan_in,
+      {"pos_embedding": lambda rng, shape: 0.02 * rng.standard_normal(shape, np.float32)})
 
 
 # ----------------------------------------------------------------------------- weight import

@@ -271,7 +271,10 @@ def test_import_matches_numpy_forward_on_a_non_square_grid(tmp_path, style):
   assert len(feats["levels"]) == len(taps)
   for got, i in zip(feats["levels"], taps):
     np.testing.assert_allclose(got, states[i][:, 1:].reshape(b, gh, gw, -1), atol=1e-4)
-  np.testing.assert_allclose(feats["spatial"], final[:, 1:].reshape(b, gh, gw, -1), atol=1e-4)
+  # 'spatial' (Grad-CAM's map): the last block's norm1 of its input, the previous block's output.
+  norm1 = variables["params"][f"blocks_{model.depth - 1}"]["norm1"]
+  want = layer_norm(states[-2], np.asarray(norm1["scale"]), np.asarray(norm1["bias"]))
+  np.testing.assert_allclose(feats["spatial"], want[:, 1:].reshape(b, gh, gw, -1), atol=1e-4)
 
 
 @pytest.mark.parametrize("style", ["official", "big_vision", "timm"])

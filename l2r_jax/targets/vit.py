@@ -94,7 +94,10 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN block: x + attn(norm1(x)), then + mlp(norm2(.)). Returns (x, attention probs)."""
+  """Pre-LN block: x + attn(norm1(x)), then + mlp(norm2(.)).
+
+  Returns (x, attention probs, norm1(x)): the last is what Grad-CAM reads in a ViT.
+  """
   num_heads: int
   mlp_dim: int
   gelu_approximate: bool = False
@@ -102,14 +105,14 @@ class EncoderBlock(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: Array) -> tuple[Array, Array]:
+  def __call__(self, x: Array) -> tuple[Array, Array, Array]:
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
-    y, probs = SelfAttention(self.num_heads, self.dtype, self.precision,
-                             name="attn")(norm(name="norm1")(x))
+    normed = norm(name="norm1")(x)
+    y, probs = SelfAttention(self.num_heads, self.dtype, self.precision, name="attn")(normed)
     x = x + y
     y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, self.precision,
                  name="mlp")(norm(name="norm2")(x))
-    return x + y, probs
+    return x + y, probs, normed
 
 
 def default_level_blocks(depth: int, count: int = 4) -> tuple[int, ...]:
@@ -178,8 +181,9 @@ class ViT(nn.Module):
     # then have class-dependent logits and non-zero gradients.
     self.head = nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision)
 
-  def _encode(self, x: Array) -> tuple[Array, list[Array], list[Array]]:
-    """x f[B, H, W, 3] -> (final normed tokens f[B, T, D], level grids, attention probs)."""
+  def _encode(self, x: Array) -> tuple[Array, list[Array], list[Array], Array]:
+    """x f[B, H, W, 3] -> (final normed tokens f[B, T, D], level grids, attention probs,
+    the last block's norm1 output f[B, T, D])."""
     if x.ndim != 4 or tuple(x.shape[1:]) != (*self.image_size, 3):
       raise ValueError(f"ViT input must be f[B, {self.image_size[0]}, {self.image_size[1]}, 3] "
                        f"(normalised images), got shape {x.shape}")
@@ -192,11 +196,11 @@ class ViT(nn.Module):
                else self.level_blocks)
     levels, attentions = [], []
     for i, block in enumerate(self.blocks):
-      x, probs = block(x)
+      x, probs, last_normed = block(x)
       attentions.append(probs)
       if i in taps:
         levels.append(jnp.reshape(x[:, 1:], (b, h, w, d)))
-    return self.norm(x), levels, attentions
+    return self.norm(x), levels, attentions, last_normed
 
   def _head(self, tokens: Array) -> Array:
     y = tokens[:, 0]
@@ -213,15 +217,17 @@ class ViT(nn.Module):
       'logits': f32[B, classes];
       'levels': outputs of `level_blocks` (before the final norm) as token grids f[B, h, w, D],
         class token dropped;
-      'spatial': the token grid after the final norm, f[B, h, w, D], class token dropped. The
-        head reads only the class token, so the logits do not depend on it directly;
+      'spatial': the last block's norm1 output as a token grid f[B, h, w, D], class token
+        dropped: where Grad-CAM reads a ViT (pytorch-grad-cam's `blocks[-1].norm1`). The final
+        normed grid would not do: the head reads only the class token, so the logits' gradient
+        with respect to the final patch tokens is exactly zero;
       'attentions': per block, attention probabilities f32[B, heads, T, T], token 0 the class
         token, then the patches in row-major grid order.
     """
-    tokens, levels, attentions = self._encode(x)
+    tokens, levels, attentions, last_normed = self._encode(x)
     b, (h, w) = tokens.shape[0], self.grid
     return {"logits": self._head(tokens), "levels": levels,
-            "spatial": jnp.reshape(tokens[:, 1:], (b, h, w, self.width)),
+            "spatial": jnp.reshape(last_normed[:, 1:], (b, h, w, self.width)),
             "attentions": attentions}
 
 

@@ -1,0 +1,69 @@
+"""The explainer decoder: shapes on ViT and CNN backbones, frozen target, class conditioning."""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from l2r_jax import explainer as ex
+from l2r_jax import targets
+
+
+@pytest.fixture(scope="module", params=["vit_tiny_p4_28", "cifar_resnet"])
+def setup(request):
+  target = targets.create(request.param, random_init=True)
+  h, w = target.input_size
+  images = jax.random.uniform(jax.random.key(0), (2, h, w, 3))
+  classes = jnp.asarray([1, 7], jnp.int32)
+  model = ex.Explainer(width=16)
+  params = ex.init(model, jax.random.key(1), target, target.variables, images, classes)
+  return target, images, classes, model, params
+
+
+def test_full_resolution_map(setup):
+  target, images, classes, model, params = setup
+  maps = ex.explain(model, params, target, target.variables, images, classes)
+  assert maps.shape == images.shape[:3] and maps.dtype == jnp.float32
+  assert bool(jnp.isfinite(maps).all()) and float(maps.std()) > 0
+
+
+def test_gradients_reach_the_decoder_only(setup):
+  target, images, classes, model, params = setup
+
+  def loss(params, target_variables):
+    return jnp.sum(ex.explain(model, params, target, target_variables, images, classes) ** 2)
+
+  g_params, g_target = jax.grad(loss, argnums=(0, 1))(params, target.variables)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_params)) > 0
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_target))
+
+
+def test_the_class_changes_the_map(setup):
+  target, images, classes, model, params = setup
+  a = ex.explain(model, params, target, target.variables, images, classes)
+  b = ex.explain(model, params, target, target.variables, images, (classes + 1) % 10)
+  assert float(jnp.abs(a - b).max()) > 1e-6
+
+
+def test_embedding_conditioning_and_bfloat16():
+  target = targets.create("vit_tiny_p4_28", random_init=True)
+  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 3))
+  classes = jnp.asarray([0, 3], jnp.int32)
+  model = ex.Explainer(width=8, conditioning="embedding", num_classes=10, dtype=jnp.bfloat16)
+  params = ex.init(model, jax.random.key(1), target, target.variables, images, classes)
+  assert "embedding" in params["params"]
+  maps = ex.explain(model, params, target, target.variables, images, classes)
+  assert maps.shape == (2, 28, 28) and maps.dtype == jnp.float32
+
+
+def test_bad_input():
+  model = ex.Explainer(width=8)
+  levels = [jnp.zeros((2, 7, 7, 4))]
+  with pytest.raises(ValueError, match="class_vectors must have shape f32\\[2, D\\]"):
+    model.init(jax.random.key(0), levels, (28, 28), class_vectors=jnp.zeros((3, 5)))
+  with pytest.raises(ValueError, match="needs class_vectors"):
+    model.init(jax.random.key(0), levels, (28, 28))
+  with pytest.raises(ValueError, match="levels\\[0\\] must have shape"):
+    model.init(jax.random.key(0), [jnp.zeros((2, 7, 7))], (28, 28),
+               class_vectors=jnp.zeros((2, 5)))
+  with pytest.raises(ValueError, match="conditioning must be one of"):
+    ex.Explainer(conditioning="film").init(jax.random.key(0), levels, (28, 28),
+                                           class_vectors=jnp.zeros((2, 5)))

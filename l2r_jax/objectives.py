@@ -120,13 +120,21 @@ def soft_sweep_masks(maps: Array,
   """Pixel masks of the deletion and insertion sweeps: f32[B, 2, K, H, W].
 
   [:, 0] deletes the most important cells first (sort of h), [:, 1] the least important first
-  (sort of -h), each with its own Gumbel noise. `grid` must be static (it sets shapes).
+  (sort of -h), each with its own Gumbel noise from `key` (one key, or keys[B], one per image, so
+  that the noise does not depend on how a batch is split over devices; None: no noise). `grid`
+  must be static (it sets shapes).
   """
   checks.rank(maps, 3, "maps", "f32[B, H, W]")
   checks.finite(maps, "maps")
   _, h, w = maps.shape
   cells = perturb.pool_to_grid(maps, grid)
-  keys = (None, None) if key is None else tuple(jax.random.split(key))
+  # One key, or one per image (keys[B]); each splits into deletion and insertion noise.
+  if key is None:
+    keys = (None, None)
+  elif jnp.ndim(key) == 0:
+    keys = tuple(jax.random.split(key))
+  else:
+    keys = tuple(jax.vmap(jax.random.split)(key).swapaxes(0, 1))
   sweeps = []
   for sign, k in zip((1.0, -1.0), keys):
     perm = sorting.soft_sort(sign * cells, key=k, tau=tau, num_iters=config.num_iters,

@@ -104,6 +104,16 @@ def sinkhorn(log_alpha: Array, num_iters: int, rank_offset: Array | None = None)
   return log_alpha + u[..., :, None] + v[..., None, :]
 
 
+def gumbel_noise(key: Array, shape: tuple[int, ...], dtype) -> Array:
+  """Gumbel(0, 1) noise of `shape` from one key, or from keys[shape[0]] row by row."""
+  if jnp.ndim(key) == 0:
+    return jax.random.gumbel(key, shape, dtype)
+  if jnp.shape(key) != shape[:1]:
+    raise ValueError(f"key must be one PRNG key or one per row, keys[{shape[0]}], got shape "
+                     f"{jnp.shape(key)}")
+  return jax.vmap(lambda k: jax.random.gumbel(k, shape[1:], dtype))(key)
+
+
 def soft_sort(scores: Array,
               *,
               key: Array | None = None,
@@ -118,7 +128,9 @@ def soft_sort(scores: Array,
 
   Args:
     scores: f32 or bf16[B, N], finite. Larger means more important.
-    key: PRNG key for the Gumbel(0, 1) noise added to log_alpha; None turns the noise off.
+    key: PRNG key for the Gumbel(0, 1) noise added to log_alpha, or keys[B] (one per row: the
+      noise of a row then does not depend on how the batch is split over devices); None turns
+      the noise off.
     tau: temperature > 0 (a scalar; may be traced, e.g. an annealing schedule under jit).
     num_iters: Sinkhorn iterations (METHOD.md: 30).
     normalize: min-max each row of scores onto the anchor range [0, 1] first (off in the paper).
@@ -135,5 +147,5 @@ def soft_sort(scores: Array,
   # rank offset, and -s_i^2 dropped (the first normalisation over ranks removes it exactly).
   log_alpha = 2.0 * a[:, None] * s[:, None, :]
   if key is not None:
-    log_alpha = log_alpha + jax.random.gumbel(key, log_alpha.shape, log_alpha.dtype)
+    log_alpha = log_alpha + gumbel_noise(key, log_alpha.shape, log_alpha.dtype)
   return jnp.exp(sinkhorn(log_alpha / tau, num_iters, rank_offset=-jnp.square(a) / tau))

@@ -204,3 +204,14 @@ def test_bad_input_raises_value_error(bad, match):
   kwargs = dict(scores=jnp.ones((2, 3)), tau=1.0, num_iters=3) | bad
   with pytest.raises(ValueError, match=match):
     sorting.soft_sort(kwargs.pop("scores"), **kwargs)
+
+
+def test_per_row_keys_make_the_noise_independent_of_the_batch_split():
+  s = _scores(6, 12)
+  keys = jax.random.split(jax.random.key(9), 6)
+  whole = sorting.soft_sort(s, key=keys, tau=0.5)
+  for lo, hi in ((0, 2), (2, 6)):
+    np.testing.assert_array_equal(sorting.soft_sort(s[lo:hi], key=keys[lo:hi], tau=0.5),
+                                  whole[lo:hi])
+  with pytest.raises(ValueError, match="key must be one PRNG key or one per row, keys\\[6\\]"):
+    sorting.soft_sort(s, key=keys[:4], tau=0.5)

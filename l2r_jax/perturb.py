@@ -180,11 +180,14 @@ def reference_images(images: Array,
     if reference == "mean":
       color = jnp.asarray(mean_color, images.dtype)
       checks.shape(color, (images.shape[-1],), "mean_color", f"f32[{images.shape[-1]}]")
-      return jnp.broadcast_to(color, images.shape)
+      # zeros_like + color, not broadcast_to: the result must vary over devices like the images
+      # under shard_map (all references of a lax.switch need the same type).
+      return jnp.zeros_like(images) + color
     return gaussian_blur(images, blur_sigma, blur_size, axes=(-3, -2))
   checks.floating(reference, "reference")
   try:
-    return jnp.broadcast_to(jnp.asarray(reference, images.dtype), images.shape)
+    return jnp.zeros_like(images) + jnp.broadcast_to(jnp.asarray(reference, images.dtype),
+                                                      images.shape)
   except ValueError:
     raise ValueError(f"reference array must broadcast to images' shape {images.shape} "
                      f"(f32[C], f32[H, W, C] or f32[B, H, W, C]), got {np.shape(reference)}"

@@ -1,0 +1,78 @@
+"""The training step: schedules, frozen target, and 1-device vs 8-device equality."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from l2r_jax import explainer as ex
+from l2r_jax import objectives
+from l2r_jax import targets
+from l2r_jax import train
+
+
+def test_learning_rate_schedule_is_the_papers():
+  lr = train.learning_rate_fn(3e-4, total_steps=1000)
+  np.testing.assert_allclose(lr(0), 3e-4 / 25, rtol=1e-6)
+  np.testing.assert_allclose(lr(60), 3e-4, rtol=1e-6)  # 6% warm-up
+  np.testing.assert_allclose(lr(1000), 3e-4 / 25 / 1e4, rtol=1e-4)
+  assert lr(30) < lr(60) and lr(500) < lr(60)
+
+
+def test_temperature_anneals_linearly():
+  config = train.StepConfig(total_steps=11)
+  np.testing.assert_allclose([train.temperature(s, config) for s in (0, 5, 10, 20)],
+                             [1.0, 0.65, 0.3, 0.3], rtol=1e-6)
+
+
+def _setup(batch=8, tx=None):
+  target = targets.create("vit_tiny_p4_28", random_init=True)
+  images = jax.random.uniform(jax.random.key(0), (batch, 28, 28, 3))
+  labels = jnp.arange(batch, dtype=jnp.int32) % 10
+  model = ex.Explainer(width=8)
+  config = train.StepConfig(objective=objectives.ObjectiveConfig(num_fractions=6, num_iters=10),
+                            references=("black", "mean"), total_steps=10)
+  tx = tx or train.make_optimizer(train.learning_rate_fn(1e-3, 10))
+  state = train.create_train_state(model, jax.random.key(1), target, target.variables, images[:2],
+                                   labels[:2], tx)
+  return target, {"image": images, "label": labels}, model, config, tx, state
+
+
+def _run(mesh, steps=2, tx=None):
+  target, batch, model, config, tx, state = _setup(tx=tx)
+  step = train.make_train_step(mesh, grid=4, model=model, target=target, tx=tx, config=config)
+  for _ in range(steps):
+    state, metrics = step(state, target.variables, batch, jax.random.key(2))
+  return target, state, metrics
+
+
+# SGD is sensitive to the gradient's scale (a device-count factor shows at once), AdamW is the
+# paper's optimizer.
+@pytest.mark.parametrize("tx", [None, optax.sgd(0.5)], ids=["adamw", "sgd"])
+def test_one_and_eight_devices_give_the_same_params(tx):
+  if jax.device_count() < 8:
+    pytest.skip(f"needs 8 devices, has {jax.device_count()}")
+  _, one, m1 = _run(train.data_mesh(jax.devices()[:1]), tx=tx)
+  _, eight, m8 = _run(train.data_mesh(jax.devices()[:8]), tx=tx)
+  assert int(one.step) == int(eight.step) == 2
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_steps_change_the_decoder_and_never_the_target():
+  target, state, metrics = _run(train.data_mesh(jax.devices()[:1]))
+  _, _, _, _, _, initial = _setup()
+  before = targets.create("vit_tiny_p4_28", random_init=True).variables
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(target.variables)):
+    np.testing.assert_array_equal(a, b)
+  changed = [float(jnp.abs(a - b).max())
+             for a, b in zip(jax.tree.leaves(initial.params), jax.tree.leaves(state.params))]
+  assert max(changed) > 0
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert 0.0 <= float(metrics["deletion_auc"]) <= 1.0
+
+
+def test_bad_config():
+  with pytest.raises(ValueError, match="references must be one of"):
+    train.StepConfig(references=("grey",))

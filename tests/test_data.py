@@ -275,3 +275,19 @@ def test_shared_cifar10_npz():
   src = folders.npz(SHARED / "cifar10_test_8k.npz")
   assert len(src) == 8000 and src.num_classes == 10 and src.class_names[0] == "airplane"
   assert np.bincount(src.labels, minlength=10).min() > 0
+
+
+def test_start_batch_resumes_the_stream_exactly():
+  from l2r_jax import data
+  images = (np.arange(30 * 4 * 4 * 3) % 251).astype(np.uint8).reshape(30, 4, 4, 3)
+  source = data.ArraySource(images, np.arange(30) % 3, num_classes=3, name="tiny")
+  kw = dict(batch_size=4, preprocess=lambda im: im.astype(np.float32) / 255.0, seed=3,
+            shuffle=True, num_epochs=None, drop_remainder=True, process_index=0,
+            process_count=1)
+  it = iter(data.make_batches(source, **kw))
+  whole = [next(it) for _ in range(12)]  # crosses epochs: 7 batches per epoch
+  it = iter(data.make_batches(source, start_batch=5, **kw))
+  for want in whole[5:]:
+    got = next(it)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])

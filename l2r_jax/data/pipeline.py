@@ -171,7 +171,7 @@ def make_batches(source, *, batch_size: int, preprocess: Preprocess | None = Non
                  augment: Augment | None = None, drop_remainder: bool = False,
                  process_index: int | None = None, process_count: int | None = None,
                  worker_threads: int = 8, worker_processes: int = 0,
-                 prefetch: int = 64) -> Batches:
+                 prefetch: int = 64, start_batch: int = 0) -> Batches:
   """This process's batches of `source` (see the module docstring for order and padding).
 
   Args:
@@ -190,6 +190,8 @@ def make_batches(source, *, batch_size: int, preprocess: Preprocess | None = Non
     worker_processes: > 0 adds grain worker processes (for Python-heavy preprocessing); the
       source and preprocess must then be picklable.
     prefetch: examples decoded ahead per thread pool.
+    start_batch: skip this many batches first (resuming a run: batch k is a pure function of
+      seed and k, so a resumed stream continues exactly where the interrupted one stopped).
   """
   import grain
 
@@ -221,6 +223,8 @@ def make_batches(source, *, batch_size: int, preprocess: Preprocess | None = Non
                            seed=seed)
   ds = (grain.MapDataset.source(plan).map(load)
         .batch(plan.local, drop_remainder=True, batch_fn=_stack))
+  if start_batch:
+    ds = ds[checks.static_int(start_batch, "start_batch", minimum=0):]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=worker_threads,
                                             prefetch_buffer_size=prefetch))
   if worker_processes:

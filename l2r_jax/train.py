@@ -168,3 +168,132 @@ def data_mesh(devices: Any = None) -> Mesh:
   import numpy as np
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def build_target(config: Any, workdir: str, log: Callable[[str], None] = print) -> Any:
+  """The frozen target of config.target: its weights file, or (none given) trained on
+  config.data and cached in the workdir."""
+  import os
+
+  from l2r_jax import data
+  from l2r_jax import targets
+  from l2r_jax import target_training
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+  checks.choice(config.target.dtype, tuple(dtype), "config.target.dtype")
+  if config.target.weights:
+    target = targets.create(config.target.name, config.target.weights)
+  else:
+    target = targets.create(config.target.name, random_init=True)
+    target = target_training.load_or_train(
+        target, os.path.join(workdir, "target.msgpack"),
+        source_train=data.create(config.data.source, root=config.data.root or None,
+                                 split=config.data.train_split),
+        source_test=data.create(config.data.source, root=config.data.root or None,
+                                split=config.data.eval_split),
+        steps=config.target.pretrain_steps, batch_size=config.target.pretrain_batch_size,
+        learning_rate=config.target.pretrain_learning_rate, seed=config.seed, log=log)
+  return target.with_dtype(dtype[config.target.dtype])
+
+
+def step_config(config: Any) -> StepConfig:
+  """The StepConfig of a ml_collections config."""
+  o = config.objective
+  return StepConfig(
+      objective=objectives.ObjectiveConfig(num_fractions=o.num_fractions, num_iters=o.num_iters,
+                                           smoothing_sigma=o.smoothing_sigma,
+                                           peak_weight=o.peak_weight, peak_window=o.peak_window),
+      references=tuple(config.references), mean_color=tuple(config.mean_color),
+      blur_size=config.blur_size, blur_sigma=config.blur_sigma, tau_start=config.tau_start,
+      tau_end=config.tau_end, total_steps=config.total_steps)
+
+
+def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, Any]:
+  """Trains the explainer of `config` in `workdir`, resuming from its latest checkpoint, and
+  returns the final training metrics. Checkpoints (orbax, keep-N), `config.json`,
+  `metrics.jsonl` and the explainer-only export `explainer.msgpack` are written to workdir.
+
+  stop_at: stop after this step, as an interruption would (the schedules still span
+  config.total_steps); rerunning resumes.
+  """
+  import json
+  import os
+
+  import numpy as np
+  import orbax.checkpoint as ocp
+  from flax import serialization
+  from jax.sharding import NamedSharding
+  from tqdm import tqdm
+
+  from l2r_jax import data
+
+  os.makedirs(workdir, exist_ok=True)
+  log = tqdm.write
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1))
+  target = build_target(config, workdir, log)
+  mesh = data_mesh()
+  model = explainer_lib.Explainer(width=config.explainer.width,
+                                  conditioning=config.explainer.conditioning,
+                                  num_classes=target.num_classes)
+  tx = make_optimizer(learning_rate_fn(config.learning_rate, config.total_steps,
+                                       config.warmup_fraction),
+                      config.weight_decay, config.clip_norm)
+  cfg = step_config(config)
+  source = data.create(config.data.source, root=config.data.root or None,
+                       split=config.data.train_split)
+  h, w = target.input_size
+  example = jnp.zeros((1, h, w, 3), jnp.float32)
+  state = create_train_state(model, jax.random.key(config.seed), target, target.variables,
+                             example, jnp.zeros((1,), jnp.int32), tx)
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                           save_interval_steps=config.checkpoint_every))
+  start = manager.latest_step() or 0
+  if start:
+    replicated = NamedSharding(mesh, P())  # as the step returns it, on every device
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+    log(f"resumed from the checkpoint of step {start} in {workdir}")
+  batches = iter(data.make_batches(source, batch_size=config.batch_size,
+                                   preprocess=target.preprocess, seed=config.seed, shuffle=True,
+                                   num_epochs=None, drop_remainder=True, start_batch=start))
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  steps: dict[int, Callable] = {}
+  rng = jax.random.key(config.seed + 1)
+  metrics: dict[str, Any] = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as jsonl, \
+      tqdm(total=config.total_steps, initial=start, desc="train", unit="step") as bar:
+    for step in range(start, min(config.total_steps, stop_at or config.total_steps)):
+      grid = int(np.random.default_rng([config.seed, step]).choice(config.grids))
+      if grid not in steps:
+        steps[grid] = make_train_step(mesh, grid=grid, model=model, target=target, tx=tx,
+                                      config=cfg)
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(sharding, local[k])
+               for k in ("image", "label")}
+      state, metrics = steps[grid](state, target.variables, batch, rng)
+      loss = float(metrics["loss"])
+      if not np.isfinite(loss):
+        manager.wait_until_finished()
+        raise FloatingPointError(
+            f"loss is {loss} at step {step + 1}; the last good checkpoint (step "
+            f"{manager.latest_step()}) is kept in {workdir}")
+      manager.save(step + 1, args=ocp.args.StandardSave(state))
+      bar.update(1)
+      if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
+        row = {"step": step + 1, "grid": grid, **{k: float(v) for k, v in metrics.items()}}
+        jsonl.write(json.dumps(row) + "\n")
+        jsonl.flush()
+        bar.set_postfix(loss=f"{row['loss']:.4f}", deletion=f"{row['deletion_auc']:.3f}",
+                        insertion=f"{row['insertion_auc']:.3f}")
+  manager.wait_until_finished()
+  manager.close()
+  with open(os.path.join(workdir, "explainer.msgpack"), "wb") as f:
+    f.write(serialization.to_bytes(jax.device_get(state.params)))
+  return {"state": state, "target": target, "model": model,
+          **{k: float(v) for k, v in metrics.items()}}

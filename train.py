@@ -5,6 +5,7 @@ latest checkpoint in --workdir. Config fields can be overridden: --config.total_
 """
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from l2r_jax import train
@@ -18,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

@@ -252,9 +252,13 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
                                            save_interval_steps=config.checkpoint_every))
+  # Replicated on every device from the start, as the step returns it: inputs with the same
+  # shardings at every step mean one compilation per grid size.
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(state, replicated)
+  target_variables = jax.device_put(target.variables, replicated)
   start = manager.latest_step() or 0
   if start:
-    replicated = NamedSharding(mesh, P())  # as the step returns it, on every device
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
     state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
@@ -276,7 +280,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
       local = next(batches)
       batch = {k: jax.make_array_from_process_local_data(sharding, local[k])
                for k in ("image", "label")}
-      state, metrics = steps[grid](state, target.variables, batch, rng)
+      state, metrics = steps[grid](state, target_variables, batch, rng)
       loss = float(metrics["loss"])
       if not np.isfinite(loss):
         manager.wait_until_finished()

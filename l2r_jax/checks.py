@@ -7,6 +7,7 @@ and dtype checks always run, as they are known at trace time.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -100,3 +101,24 @@ def static_int(value: Any, name: str, minimum: int = 1) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
   return int(value)
+
+
+def existing_path(path: Any, field: str, what: str, kind: str = "file",
+                  noun: str | None = None) -> Path:
+  """Path(path) after checking it names an existing file (kind 'file') or folder ('folder');
+  else a ValueError naming the config field to set. Nothing is ever downloaded.
+
+  Args:
+    field: the config field or flag that sets the path, e.g. 'config.target.weights'.
+    what: who needs it, e.g. "target 'vit_b16'".
+    noun: what to call it in the message (default: `kind`), e.g. 'weights file'.
+  """
+  choice(kind, ("file", "folder"), "kind")
+  noun = noun or kind
+  if not path:
+    raise ValueError(f"{what} needs a {noun}: set {field} to its path (nothing is downloaded)")
+  p = Path(path).expanduser()
+  if not (p.is_file() if kind == "file" else p.is_dir()):
+    raise ValueError(f"{what}: {noun} {str(p)!r} does not exist; set {field} to the path of an "
+                     f"existing {noun} (nothing is downloaded)")
+  return p

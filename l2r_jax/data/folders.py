@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import numpy as np
 
+from l2r_jax import checks
 from l2r_jax.data import sources
 
 ROOT_FIELD = "config.data.root"
@@ -121,12 +121,8 @@ def npz(path: str | os.PathLike | None, *, num_classes: int | None = None) -> so
   """Arrays from a `.npz` file: `images` uint8[N, H, W, 3] (or [N, H, W]), `labels` int[N], and
   optionally `class_names` str[C]. The number of classes is `num_classes`, else
   len(class_names), else max(label) + 1."""
-  if not path:
-    raise ValueError(f"the npz source needs a file: set {ROOT_FIELD} to a .npz path")
-  path = Path(path).expanduser()
-  if not path.is_file():
-    raise ValueError(f"npz: file {str(path)!r} does not exist; set {ROOT_FIELD} to a .npz with "
-                     f"'images' and 'labels'")
+  path = checks.existing_path(path, ROOT_FIELD, "the npz source", "file",
+                              noun=".npz file (with 'images' and 'labels')")
   with np.load(path, allow_pickle=False) as f:
     missing = [k for k in ("images", "labels") if k not in f.files]
     if missing:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from l2r_jax import checks
+
 # Extensions Pillow decodes that image datasets use; compared in lower case.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -171,13 +173,7 @@ def list_images(folder: Path, where: str) -> list[Path]:
 def require_dir(root: str | os.PathLike | None, field: str, what: str) -> Path:
   """Path(root) after checking it is an existing folder; else a ValueError naming the config
   field to set. Nothing is ever downloaded."""
-  if not root:
-    raise ValueError(f"{what} needs a folder: set {field} to its path (nothing is downloaded)")
-  path = Path(root).expanduser()
-  if not path.is_dir():
-    raise ValueError(f"{what}: folder {str(path)!r} does not exist; set {field} to an existing "
-                     f"folder (nothing is downloaded)")
-  return path
+  return checks.existing_path(root, field, what, "folder")
 
 
 def package_file(package: str, *parts: str, install: str) -> Path:

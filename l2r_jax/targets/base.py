@@ -190,16 +190,9 @@ def random_variables(template: Mapping[str, Any], seed: int = 0,
 
 
 def require_file(path: str | None, field: str, what: str) -> str:
-  """Returns path after checking it names an existing file; else a ValueError naming the config
-  field to set. Nothing is ever downloaded."""
-  import os
-  if not path:
-    raise ValueError(f"{what} needs a weights file: set {field} to its path (nothing is "
-                     f"downloaded)")
-  if not os.path.isfile(path):
-    raise ValueError(f"{what}: weights file {path!r} does not exist; set {field} to the path of "
-                     f"a local file (nothing is downloaded)")
-  return path
+  """Returns path after checking it names an existing weights file; else a ValueError naming the
+  config field to set. Nothing is ever downloaded."""
+  return str(checks.existing_path(path, field, what, "file", noun="weights file"))
 
 
 # ----------------------------------------------------------------------------- preprocessing

@@ -103,6 +103,12 @@ def hard_sweep(apply_fn: ApplyFn,
     fractions: K fractions in [0, 1], increasing.
   """
   _check_inputs(images, maps)
+  return _sweep(apply_fn, images, maps, references, readout, fractions, unit=unit,
+                chunk_size=chunk_size)
+
+
+def _sweep(apply_fn, images, maps, references, readout, fractions, *, unit, chunk_size):
+  """`hard_sweep` on inputs already checked (the public entry points check them once)."""
   b, h, w, c = images.shape
   ranks = _unit_ranks(maps, unit)
   n = ranks[0].shape[1] * ranks[0].shape[2]
@@ -176,7 +182,7 @@ def deletion_insertion(apply_fn: ApplyFn,
   if classes is None:
     classes = evaluation_classes(apply_fn, images, labels, protocol.class_source)
   checks.shape(classes, (images.shape[0],), "classes", f"i32[{images.shape[0]}]")
-  curves = hard_sweep(apply_fn, images, maps, protocol.references(images),
+  curves = _sweep(apply_fn, images, maps, protocol.references(images),
                       class_scores_readout(classes, protocol.score), protocol.fractions,
                       unit=protocol.unit, chunk_size=protocol.chunk_size)
   auc = objectives.trapezoid_auc(curves, protocol.fractions)
@@ -212,7 +218,7 @@ def perturbation_test(apply_fn: ApplyFn,
   checks.shape(labels, (images.shape[0],), "labels", f"i32[{images.shape[0]}]")
   checks.integer(labels, "labels")
   ref = perturb.reference_images(images, reference, mean_color=mean_color)
-  curves = hard_sweep(apply_fn, images, maps, (ref, ref), top1_hit_readout(labels), fractions,
+  curves = _sweep(apply_fn, images, maps, (ref, ref), top1_hit_readout(labels), fractions,
                       unit=unit, chunk_size=chunk_size)
   auc = 100.0 * objectives.trapezoid_auc(curves, fractions)
   return {"pos": auc[:, 0], "neg": auc[:, 1], "pos_curve": curves[:, 0],

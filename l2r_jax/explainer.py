@@ -125,26 +125,45 @@ class Explainer(nn.Module):
     return y[..., 0].astype(jnp.float32)
 
 
+def backbone_levels(backbone: Any, backbone_variables: Any, images: Array) -> list[Array]:
+  """The frozen multi-level features of `backbone` (any Target) for [0, 1] images, resized to the
+  backbone's input size when it differs from the images' (e.g. a 224 px backbone explaining a
+  32 px target)."""
+  size = tuple(backbone.input_size)
+  if tuple(images.shape[1:3]) != size:
+    images = jax.image.resize(images, (images.shape[0], *size, images.shape[-1]), "bilinear")
+    images = jnp.clip(images, 0.0, 1.0)
+  return jax.lax.stop_gradient(backbone.features(backbone_variables, images)["levels"])
+
+
 def explain(explainer: Explainer, params: Any, target: Any, target_variables: Any,
-            images: Array, classes: Array) -> Array:
+            images: Array, classes: Array, backbone: Any = None,
+            backbone_variables: Any = None) -> Array:
   """Attribution maps f32[B, H, W] of `classes` i32[B] for [0, 1] images f32[B, H, W, 3].
 
-  The target's features and head rows enter behind stop_gradient: gradients reach the decoder
-  only, whatever the caller differentiates.
+  The features come from `backbone` (a Target with its own variables; default: the target's own
+  levels), the class vectors from the target's head. Both enter behind stop_gradient: gradients
+  reach the decoder only, whatever the caller differentiates.
   """
   checks.rank(images, 4, "images", "f32[B, H, W, 3]")
   checks.shape(classes, (images.shape[0],), "classes", f"i32[{images.shape[0]}]")
   checks.integer(classes, "classes")
-  levels = jax.lax.stop_gradient(target.features(target_variables, images)["levels"])
+  if backbone is None:
+    backbone, backbone_variables = target, target_variables
+  levels = backbone_levels(backbone, backbone_variables, images)
   rows = jax.lax.stop_gradient(target.head(target_variables)[0])
   return explainer.apply(params, levels, tuple(images.shape[1:3]),
                          class_vectors=jnp.take(rows, classes, axis=0), classes=classes)
 
 
 def init(explainer: Explainer, rng: Array, target: Any, target_variables: Any,
-         images: Array, classes: Array) -> Any:
-  """The explainer's initial params for `target` on example images and classes."""
-  levels = target.features(target_variables, images)["levels"]
+         images: Array, classes: Array, backbone: Any = None,
+         backbone_variables: Any = None) -> Any:
+  """The explainer's initial params for `target` (and `backbone`, default the target) on example
+  images and classes."""
+  if backbone is None:
+    backbone, backbone_variables = target, target_variables
+  levels = backbone_levels(backbone, backbone_variables, images)
   rows = target.head(target_variables)[0]
   return explainer.init(rng, levels, tuple(images.shape[1:3]),
                         class_vectors=jnp.take(rows, classes, axis=0), classes=classes)

@@ -83,9 +83,11 @@ def make_optimizer(learning_rate: float | optax.Schedule, weight_decay: float = 
 
 def create_train_state(model: explainer_lib.Explainer, rng: Array, target: Any,
                        target_variables: Any, images: Array, classes: Array,
-                       tx: optax.GradientTransformation) -> TrainState:
+                       tx: optax.GradientTransformation, backbone: Any = None,
+                       backbone_variables: Any = None) -> TrainState:
   """Step 0: the decoder's params initialised on example images, and the optimizer state."""
-  params = explainer_lib.init(model, rng, target, target_variables, images, classes)
+  params = explainer_lib.init(model, rng, target, target_variables, images, classes, backbone,
+                              backbone_variables)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
@@ -100,18 +102,21 @@ def reference_images(index: Array, images: Array, config: StepConfig) -> Array:
 def loss_and_metrics(params: Any, target_variables: Any, batch: dict[str, Array], keys: Array,
                      reference_index: Array, tau: Array, *, grid: int,
                      model: explainer_lib.Explainer, target: Any,
-                     config: StepConfig) -> tuple[Array, dict[str, Array]]:
+                     config: StepConfig, backbone: Any = None,
+                     backbone_variables: Any = None) -> tuple[Array, dict[str, Array]]:
   """The loss of METHOD.md on one batch: two classes per image (top-1 and top-2 / label) from a
   clean target pass, the map of the top-1 class, and one target pass over all perturbed images.
 
   Args:
     batch: 'image' f32[B, H, W, 3] in [0, 1], 'label' i32[B].
     keys: PRNG keys[B], one per image (Gumbel noise).
+    backbone, backbone_variables: a separate frozen feature extractor (default: the target).
   """
   images, labels = batch["image"], batch["label"]
   logits = jax.lax.stop_gradient(target.apply(target_variables, images))
   classes = objectives.select_classes(logits, labels)
-  maps = explainer_lib.explain(model, params, target, target_variables, images, classes[:, 0])
+  maps = explainer_lib.explain(model, params, target, target_variables, images, classes[:, 0],
+                               backbone, backbone_variables)
   refs = reference_images(reference_index, images, config)
   frozen_target = target.apply_fn(jax.lax.stop_gradient(target_variables))
   loss, aux = objectives.loss_fn(frozen_target, images, maps, refs, classes, key=keys, grid=grid,
@@ -123,19 +128,21 @@ def loss_and_metrics(params: Any, target_variables: Any, batch: dict[str, Array]
 
 
 def make_train_step(mesh: Mesh, *, grid: int, model: explainer_lib.Explainer, target: Any,
-                    tx: optax.GradientTransformation, config: StepConfig
-                    ) -> Callable[[TrainState, Any, dict[str, Array], Array],
-                                  tuple[TrainState, dict[str, Array]]]:
-  """A jitted data-parallel step `(state, target_variables, batch, rng) -> (state, metrics)`.
+                    tx: optax.GradientTransformation, config: StepConfig, backbone: Any = None
+                    ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+  """A jitted data-parallel step
+  `(state, target_variables, batch, rng, backbone_variables=None) -> (state, metrics)`.
 
   The batch is split over the mesh's 'data' axis, params and the target's variables are
   replicated, and the differentiated loss is the pmean over devices, i.e. the global batch mean. The reference and the Gumbel noise come from
   (rng, step) and the example's position in the global batch, so the result does not depend on
-  the number of devices. `grid` is static: compile one step per grid size.
+  the number of devices. `grid` is static: compile one step per grid size. Besides the loss terms,
+  metrics hold 'grad_norm' and 'finite' (1.0 when every updated param is finite), so a diverging
+  run is caught before its state is saved.
   """
   grid = checks.static_int(grid, "grid")
 
-  def per_device(state, target_variables, batch, rng):
+  def per_device(state, target_variables, batch, rng, backbone_variables):
     step_key = jax.random.fold_in(rng, state.step)
     ref_key, noise_key = jax.random.split(step_key)
     reference_index = jax.random.randint(ref_key, (), 0, len(config.references))
@@ -146,7 +153,8 @@ def make_train_step(mesh: Mesh, *, grid: int, model: explainer_lib.Explainer, ta
 
     def global_loss(params):
       loss, metrics = loss_and_metrics(params, target_variables, batch, keys, reference_index,
-                                       tau, grid=grid, model=model, target=target, config=config)
+                                       tau, grid=grid, model=model, target=target, config=config,
+                                       backbone=backbone, backbone_variables=backbone_variables)
       # The mean over the global batch. Differentiating it gives the global gradient directly:
       # params are replicated, so shard_map's autodiff already sums their cotangents over
       # devices (a pmean of the gradients on top would leave them device-count times too big).
@@ -156,11 +164,19 @@ def make_train_step(mesh: Mesh, *, grid: int, model: explainer_lib.Explainer, ta
     metrics = jax.lax.pmean(metrics, DATA_AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["finite"] = jnp.all(jnp.stack(
+        [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])).astype(jnp.float32)
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P()),
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(DATA_AXIS), P(), P()),
                           out_specs=(P(), P()))
-  return jax.jit(sharded)
+  step = jax.jit(sharded)
+
+  def train_step(state, target_variables, batch, rng, backbone_variables=None):
+    return step(state, target_variables, batch, rng, backbone_variables)
+
+  return train_step
 
 
 def data_mesh(devices: Any = None) -> Mesh:
@@ -174,28 +190,58 @@ def data_mesh(devices: Any = None) -> Mesh:
 
 
 def build_target(config: Any, workdir: str, log: Callable[[str], None] = print) -> Any:
-  """The frozen target of config.target: its weights file, or (none given) trained on
-  config.data and cached in the workdir."""
+  """The frozen target of config.target: its weights file, or (none given and
+  config.target.pretrain_steps > 0) trained on config.data and cached in the workdir."""
   import os
 
-  from l2r_jax import data
   from l2r_jax import targets
   from l2r_jax import target_training
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-  checks.choice(config.target.dtype, tuple(dtype), "config.target.dtype")
-  if config.target.weights:
-    target = targets.create(config.target.name, config.target.weights)
+  checks.choice(config.target.dtype, tuple(DTYPES), "config.target.dtype")
+  if config.target.weights or not config.target.pretrain_steps:
+    # Without a file this raises, naming config.target.weights.
+    target = targets.create(config.target.name, config.target.weights or None)
   else:
     target = targets.create(config.target.name, random_init=True)
     target = target_training.load_or_train(
         target, os.path.join(workdir, "target.msgpack"),
-        source_train=data.create(config.data.source, root=config.data.root or None,
-                                 split=config.data.train_split),
-        source_test=data.create(config.data.source, root=config.data.root or None,
-                                split=config.data.eval_split),
+        source_train=_source(config, config.data.train_split),
+        source_test=_source(config, config.data.eval_split),
         steps=config.target.pretrain_steps, batch_size=config.target.pretrain_batch_size,
         learning_rate=config.target.pretrain_learning_rate, seed=config.seed, log=log)
-  return target.with_dtype(dtype[config.target.dtype])
+  return target.with_dtype(DTYPES[config.target.dtype])
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_backbone(config: Any) -> Any:
+  """The separate frozen backbone of config.explainer.backbone (a registered target name with its
+  weights file config.explainer.backbone_weights), or None: the target's own features."""
+  from l2r_jax import targets
+  name = config.explainer.get("backbone", "")
+  if not name:
+    return None
+  return targets.create(name, config.explainer.backbone_weights or None,
+                        dtype=DTYPES[config.target.dtype])
+
+
+PREPROCESSINGS = ("target", "resize")
+
+
+def preprocessing(config: Any, target: Any) -> Any:
+  """Raw image -> f32[*input_size, 3]: the target's own resize / crop ('target') or the paper's
+  plain resize to the input size ('resize'), per config.data.preprocess."""
+  from l2r_jax import data
+  checks.choice(config.data.preprocess, PREPROCESSINGS, "config.data.preprocess")
+  if config.data.preprocess == "target":
+    return target.preprocess
+  return data.resize_to(tuple(target.input_size))
+
+
+def _source(config: Any, split: str) -> Any:
+  from l2r_jax import data
+  kwargs = dict(config.data.get("options", {}) or {})
+  return data.create(config.data.source, root=config.data.root or None, split=split, **kwargs)
 
 
 def step_config(config: Any) -> StepConfig:
@@ -210,13 +256,119 @@ def step_config(config: Any) -> StepConfig:
       tau_end=config.tau_end, total_steps=config.total_steps)
 
 
+def heldout_protocol(config: Any) -> Any:
+  """The paper's deletion / insertion protocol (METHOD.md), with the config's mean colour and
+  blur: what the final evaluation of a training run measures."""
+  from l2r_jax import metrics
+  return metrics.Protocol(reference=config.eval.reference, mean_color=tuple(config.mean_color),
+                          blur_size=config.blur_size, blur_sigma=config.blur_sigma)
+
+
+def evaluate_heldout(config: Any, params: Any, target: Any, target_variables: Any,
+                     model: explainer_lib.Explainer, mesh: Mesh, backbone: Any = None,
+                     backbone_variables: Any = None) -> dict[str, Any]:
+  """Deletion and insertion AUC (hard ranking, `heldout_protocol`, predicted class) of the
+  explainer's maps and of random rankings on config.data.eval_split (its first
+  config.eval.num_examples examples; 0 = all), batched over `mesh`.
+
+  Returns {'n', 'explainer': {...}, 'random': {...}} with per-method 'deletion', 'insertion' and
+  their standard errors 'deletion_se', 'insertion_se'. Padding examples (mask False) are not
+  counted; every process gets the same numbers.
+  """
+  import numpy as np
+  from jax.sharding import NamedSharding
+
+  from l2r_jax import data
+  from l2r_jax import metrics
+  from l2r_jax.data import sources
+
+  source = _source(config, config.data.eval_split)
+  limit = config.eval.num_examples
+  if limit and limit < len(source):
+    source = sources.Subset(source, np.arange(limit), f"{source.name}[:{limit}]")
+  protocol = heldout_protocol(config)
+  batch_size = config.eval.batch_size or config.batch_size
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+
+  @jax.jit
+  def sums(params, target_variables, backbone_variables, images, mask, key):
+    apply_fn = target.apply_fn(target_variables)
+    classes = jnp.argmax(apply_fn(images), axis=-1).astype(jnp.int32)
+    maps = {"explainer": explainer_lib.explain(model, params, target, target_variables, images,
+                                               classes, backbone, backbone_variables),
+            "random": jax.random.uniform(key, images.shape[:3])}
+    w = mask.astype(jnp.float32)
+    out = {"n": jnp.sum(w)}
+    for method, m in maps.items():
+      aucs = metrics.deletion_insertion(apply_fn, images, m, protocol=protocol, classes=classes)
+      for k in ("deletion", "insertion"):
+        out[f"{method}/{k}"] = jnp.sum(w * aucs[k])
+        out[f"{method}/{k}_sq"] = jnp.sum(w * aucs[k] ** 2)
+    return out
+
+  total: dict[str, float] = {}
+  batches = data.make_batches(source, batch_size=batch_size,
+                              preprocess=preprocessing(config, target), num_epochs=1,
+                              drop_remainder=False)
+  key = jax.random.key(config.seed + 2)
+  for i, local in enumerate(batches):
+    batch = {k: jax.make_array_from_process_local_data(sharding, local[k])
+             for k in ("image", "mask")}
+    out = sums(params, target_variables, backbone_variables, batch["image"], batch["mask"],
+               jax.random.fold_in(key, i))
+    for k, v in out.items():
+      total[k] = total.get(k, 0.0) + float(v)
+  n = total["n"]
+  result: dict[str, Any] = {"n": int(n), "split": config.data.eval_split,
+                            "protocol": dataclasses.asdict(protocol)}
+  for method in ("explainer", "random"):
+    row = {}
+    for k in ("deletion", "insertion"):
+      mean = total[f"{method}/{k}"] / n
+      var = max(total[f"{method}/{k}_sq"] / n - mean**2, 0.0) * n / max(n - 1, 1)
+      row[k], row[f"{k}_se"] = mean, float(np.sqrt(var / n))
+    result[method] = row
+  return result
+
+
+class Logger:
+  """Training scalars to `metrics.jsonl` and TensorBoard event files in workdir (process 0 only;
+  tensorboardX writes the event files: TensorBoard without TensorFlow)."""
+
+  def __init__(self, workdir: str):
+    import os
+    self.active = jax.process_index() == 0
+    if self.active:
+      from tensorboardX import SummaryWriter
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+    import json
+    if not self.active:
+      return
+    self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
+    self.jsonl.flush()
+    for k, v in scalars.items():
+      self.tb.add_scalar(f"{prefix}/{k}", v, step)
+    self.tb.flush()
+
+  def close(self) -> None:
+    if self.active:
+      self.jsonl.close()
+      self.tb.close()
+
+
 def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) -> dict[str, Any]:
-  """Trains the explainer of `config` in `workdir`, resuming from its latest checkpoint, and
-  returns the final training metrics. Checkpoints (orbax, keep-N), `config.json`,
-  `metrics.jsonl` and the explainer-only export `explainer.msgpack` are written to workdir.
+  """Trains the explainer of `config` in `workdir`, resuming from its latest checkpoint, then
+  evaluates it on the held-out split (`evaluate_heldout`).
+
+  Written to workdir: orbax checkpoints (keep-N), `config.json`, `metrics.jsonl` and TensorBoard
+  event files (`tensorboard/`), the explainer-only export `explainer.msgpack`, and the held-out
+  results `eval.json`. Returns {'state', 'target', 'model', 'eval', **last training metrics}.
 
   stop_at: stop after this step, as an interruption would (the schedules still span
-  config.total_steps); rerunning resumes.
+  config.total_steps; no export, no evaluation); rerunning resumes.
   """
   import json
   import os
@@ -230,10 +382,12 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
   from l2r_jax import data
 
   os.makedirs(workdir, exist_ok=True)
-  log = tqdm.write
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=1))
+  log = tqdm.write if jax.process_index() == 0 else (lambda _: None)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=1))
   target = build_target(config, workdir, log)
+  backbone = build_backbone(config)
   mesh = data_mesh()
   model = explainer_lib.Explainer(width=config.explainer.width,
                                   conditioning=config.explainer.conditioning,
@@ -242,62 +396,89 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
                                        config.warmup_fraction),
                       config.weight_decay, config.clip_norm)
   cfg = step_config(config)
-  source = data.create(config.data.source, root=config.data.root or None,
-                       split=config.data.train_split)
+  source = _source(config, config.data.train_split)
   h, w = target.input_size
-  example = jnp.zeros((1, h, w, 3), jnp.float32)
-  state = create_train_state(model, jax.random.key(config.seed), target, target.variables,
-                             example, jnp.zeros((1,), jnp.int32), tx)
+  # Replicated on every device from the start, as the step returns it: inputs with the same
+  # shardings at every step mean one compilation per grid size.
+  replicated = NamedSharding(mesh, P())
+  target_variables = jax.device_put(target.variables, replicated)
+  backbone_variables = None if backbone is None else jax.device_put(backbone.variables, replicated)
+  state = create_train_state(model, jax.random.key(config.seed), target, target_variables,
+                             jnp.zeros((1, h, w, 3), jnp.float32), jnp.zeros((1,), jnp.int32), tx,
+                             backbone, backbone_variables)
+  state = jax.device_put(state, replicated)
   manager = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
                                            save_interval_steps=config.checkpoint_every))
-  # Replicated on every device from the start, as the step returns it: inputs with the same
-  # shardings at every step mean one compilation per grid size.
-  replicated = NamedSharding(mesh, P())
-  state = jax.device_put(state, replicated)
-  target_variables = jax.device_put(target.variables, replicated)
   start = manager.latest_step() or 0
   if start:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
     state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
     log(f"resumed from the checkpoint of step {start} in {workdir}")
+  augment = data.Augment(size=tuple(target.input_size)) if config.data.augment else None
   batches = iter(data.make_batches(source, batch_size=config.batch_size,
-                                   preprocess=target.preprocess, seed=config.seed, shuffle=True,
-                                   num_epochs=None, drop_remainder=True, start_batch=start))
+                                   preprocess=preprocessing(config, target), augment=augment,
+                                   seed=config.seed, shuffle=True, num_epochs=None,
+                                   drop_remainder=True, start_batch=start))
   sharding = NamedSharding(mesh, P(DATA_AXIS))
   steps: dict[int, Callable] = {}
   rng = jax.random.key(config.seed + 1)
   metrics: dict[str, Any] = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), "a") as jsonl, \
-      tqdm(total=config.total_steps, initial=start, desc="train", unit="step") as bar:
-    for step in range(start, min(config.total_steps, stop_at or config.total_steps)):
-      grid = int(np.random.default_rng([config.seed, step]).choice(config.grids))
-      if grid not in steps:
-        steps[grid] = make_train_step(mesh, grid=grid, model=model, target=target, tx=tx,
-                                      config=cfg)
-      local = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(sharding, local[k])
-               for k in ("image", "label")}
-      state, metrics = steps[grid](state, target_variables, batch, rng)
-      loss = float(metrics["loss"])
-      if not np.isfinite(loss):
-        manager.wait_until_finished()
-        raise FloatingPointError(
-            f"loss is {loss} at step {step + 1}; the last good checkpoint (step "
-            f"{manager.latest_step()}) is kept in {workdir}")
-      manager.save(step + 1, args=ocp.args.StandardSave(state))
-      bar.update(1)
-      if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
-        row = {"step": step + 1, "grid": grid, **{k: float(v) for k, v in metrics.items()}}
-        jsonl.write(json.dumps(row) + "\n")
-        jsonl.flush()
-        bar.set_postfix(loss=f"{row['loss']:.4f}", deletion=f"{row['deletion_auc']:.3f}",
-                        insertion=f"{row['insertion_auc']:.3f}")
-  manager.wait_until_finished()
-  manager.close()
-  with open(os.path.join(workdir, "explainer.msgpack"), "wb") as f:
-    f.write(serialization.to_bytes(jax.device_get(state.params)))
-  return {"state": state, "target": target, "model": model,
-          **{k: float(v) for k, v in metrics.items()}}
+  end = min(config.total_steps, stop_at or config.total_steps)
+  logger = Logger(workdir)
+  try:
+    with tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
+              disable=jax.process_index() != 0) as bar:
+      for step in range(start, end):
+        grid = int(np.random.default_rng([config.seed, step]).choice(config.grids))
+        if grid not in steps:
+          steps[grid] = make_train_step(mesh, grid=grid, model=model, target=target, tx=tx,
+                                        config=cfg, backbone=backbone)
+        local = next(batches)
+        batch = {k: jax.make_array_from_process_local_data(sharding, local[k])
+                 for k in ("image", "label")}
+        new_state, metrics = steps[grid](state, target_variables, batch, rng, backbone_variables)
+        loss, finite = float(metrics["loss"]), float(metrics["finite"])
+        if not (np.isfinite(loss) and finite == 1.0):
+          manager.wait_until_finished()
+          raise FloatingPointError(
+              f"training diverged at step {step + 1} (loss {loss}, "
+              f"{'finite' if finite == 1.0 else 'non-finite'} params); the last good checkpoint "
+              f"(step {manager.latest_step()}) is kept in {workdir}. Lower "
+              f"config.learning_rate or raise config.objective.smoothing_sigma, then rerun")
+        state = new_state
+        manager.save(step + 1, args=ocp.args.StandardSave(state))
+        bar.update(1)
+        if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
+          scalars = {"grid": float(grid), **{k: float(v) for k, v in metrics.items()},
+                     "steps_per_second": bar.format_dict["rate"] or 0.0}
+          logger.write(step + 1, scalars)
+          bar.set_postfix(loss=f"{scalars['loss']:.4f}", deletion=f"{scalars['deletion_auc']:.3f}",
+                          insertion=f"{scalars['insertion_auc']:.3f}")
+    manager.wait_until_finished()
+    result = {"state": state, "target": target, "model": model,
+              **{k: float(v) for k, v in metrics.items()}}
+    if end < config.total_steps:
+      return result
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "explainer.msgpack"), "wb") as f:
+        f.write(serialization.to_bytes(jax.device_get(state.params)))
+    result["eval"] = evaluate_heldout(config, state.params, target, target_variables, model, mesh,
+                                      backbone, backbone_variables)
+    e = result["eval"]
+    log(f"held-out ({e['n']} images of {config.data.eval_split!r}, {config.eval.reference} "
+        f"reference): deletion AUC {e['explainer']['deletion']:.4f} +- "
+        f"{e['explainer']['deletion_se']:.4f} (random ranking {e['random']['deletion']:.4f}), "
+        f"insertion AUC {e['explainer']['insertion']:.4f} +- "
+        f"{e['explainer']['insertion_se']:.4f} (random {e['random']['insertion']:.4f})")
+    logger.write(config.total_steps, {f"{m}_{k}": v for m in ("explainer", "random")
+                                      for k, v in e[m].items()}, prefix="eval")
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(e, f, indent=1)
+    return result
+  finally:
+    logger.close()
+    manager.close()

@@ -291,3 +291,43 @@ def test_start_batch_resumes_the_stream_exactly():
     got = next(it)
     np.testing.assert_array_equal(got["image"], want["image"])
     np.testing.assert_array_equal(got["label"], want["label"])
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def test_slice_splits_partition_one_fixed_shuffle():
+  n = 1003
+  train = sources.split_indices(n, "[:80%]", "x")
+  held = sources.split_indices(n, "[80%:]", "x")
+  assert len(train) == 802 and len(held) == 201
+  assert np.intersect1d(train, held).size == 0
+  np.testing.assert_array_equal(np.union1d(train, held), np.arange(n))
+  # Not the first 80% in file order (a sorted folder would put whole classes in one part) ...
+  assert held.max() > 900 and held.min() < 100
+  # ... and the same cut on every call, whatever the run seed.
+  np.testing.assert_array_equal(held, sources.split_indices(n, "[80%:]", "x"))
+  np.testing.assert_array_equal(sources.split_indices(n, "[:100]", "x"),
+                                np.sort(np.random.default_rng(0).permutation(n)[:100]))
+  np.testing.assert_array_equal(sources.split_indices(n, "all", "x"), np.arange(n))
+
+
+@pytest.mark.parametrize("split", ["train", "[80%]", "[:150%]", "[5:5]", "0:10"])
+def test_bad_slice_splits(split):
+  with pytest.raises(ValueError, match="split"):
+    sources.split_indices(100, split, "x")
+
+
+def test_create_cuts_splits_from_sources_without_their_own(tmp_path):
+  images = np.arange(20 * 4 * 4 * 3, dtype=np.uint8).reshape(20, 4, 4, 3)
+  np.savez(tmp_path / "a.npz", images=images, labels=np.arange(20) % 5)
+  whole = data.create("npz", root=str(tmp_path / "a.npz"))
+  train = data.create("npz", root=str(tmp_path / "a.npz"), split="[:75%]")
+  held = data.create("npz", root=str(tmp_path / "a.npz"), split="[75%:]")
+  assert (len(whole), len(train), len(held)) == (20, 15, 5)
+  assert train.num_classes == 5 and held.name == "a[75%:]"
+  ids = {train[i]["id"] for i in range(15)} | {held[i]["id"] for i in range(5)}
+  assert ids == {whole[i]["id"] for i in range(20)}
+  i = int(held.indices[0])
+  np.testing.assert_array_equal(held[0]["image"], images[i])
+  np.testing.assert_array_equal(held.labels, np.arange(20)[held.indices] % 5)

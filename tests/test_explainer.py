@@ -67,3 +67,29 @@ def test_bad_input():
   with pytest.raises(ValueError, match="conditioning must be one of"):
     ex.Explainer(conditioning="film").init(jax.random.key(0), levels, (28, 28),
                                            class_vectors=jnp.zeros((2, 5)))
+
+
+def test_a_separate_backbone_feeds_the_decoder():
+  # A 32 px CNN backbone explaining a 28 px ViT target: its features come from the images resized
+  # to 32 px, the class vectors still from the target's head.
+  target = targets.create("vit_tiny_p4_28", random_init=True)
+  backbone = targets.create("cifar_resnet", random_init=True)
+  images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 3))
+  classes = jnp.asarray([1, 7], jnp.int32)
+  model = ex.Explainer(width=8)
+  params = ex.init(model, jax.random.key(1), target, target.variables, images, classes, backbone,
+                   backbone.variables)
+  # The decoder's stages match the backbone's three levels (16, 32, 64 channels), not the ViT's.
+  assert params["params"]["stage0"]["features"]["kernel"].shape == (1, 1, 16, 8)
+  assert params["params"]["stage2"]["features"]["kernel"].shape == (1, 1, 64, 8)
+  maps = ex.explain(model, params, target, target.variables, images, classes, backbone,
+                    backbone.variables)
+  assert maps.shape == (2, 28, 28)
+
+  def loss(params, backbone_variables):
+    return jnp.sum(ex.explain(model, params, target, target.variables, images, classes, backbone,
+                              backbone_variables) ** 2)
+
+  g_params, g_backbone = jax.grad(loss, argnums=(0, 1))(params, backbone.variables)
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_params)) > 0
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_backbone))

@@ -5,9 +5,29 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from configs import vit as vit_config
 from l2r_jax import train
+
+
+def _tensorboard_scalars(folder):
+  """{tag: [(step, value)]} read from the event files with a reader of our own: TFRecord framing
+  (u64 length, u32 crc, payload, u32 crc) around tensorboard Event protos."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for name in sorted(os.listdir(folder)):
+    data = open(os.path.join(folder, name), "rb").read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+      pos += 12 + length + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
 
 
 def _config(total_steps=4):
@@ -20,11 +40,24 @@ def test_smoke_run_writes_its_outputs_and_resumes_exactly(tmp_path):
   straight = str(tmp_path / "straight")
   result = train.train_and_evaluate(_config(), straight)
   for name in ("config.json", "metrics.jsonl", "explainer.msgpack", "target.msgpack",
-               "checkpoints"):
+               "checkpoints", "eval.json", "tensorboard"):
     assert os.path.exists(os.path.join(straight, name)), name
   rows = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
-  assert [r["step"] for r in rows] == [1, 2, 3, 4]
-  assert all(np.isfinite(r["loss"]) for r in rows)
+  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+  assert all(np.isfinite(r["loss"]) for r in rows if r["split"] == "train")
+  evaluation = json.load(open(os.path.join(straight, "eval.json")))
+  assert evaluation == result["eval"] | {"protocol": evaluation["protocol"]}
+  assert evaluation["n"] == 16
+  for method in ("explainer", "random"):
+    for k in ("deletion", "insertion"):
+      assert 0.0 <= evaluation[method][k] <= 1.0
+      assert 0.0 < evaluation[method][f"{k}_se"] < 0.5
+  scalars = _tensorboard_scalars(os.path.join(straight, "tensorboard"))
+  assert [s for s, _ in scalars["train/loss"]] == [1, 2, 3, 4]
+  np.testing.assert_allclose([v for _, v in scalars["train/loss"]],
+                             [r["loss"] for r in rows if r["split"] == "train"], rtol=1e-6)
+  np.testing.assert_allclose(scalars["eval/explainer_deletion"][0][1],
+                             evaluation["explainer"]["deletion"], rtol=1e-6)
 
   # Interrupted after step 2, then the same command again: the same params as the straight run.
   resumed = str(tmp_path / "resumed")
@@ -35,3 +68,58 @@ def test_smoke_run_writes_its_outputs_and_resumes_exactly(tmp_path):
   for a, b in zip(jax.tree.leaves(result["state"].params), jax.tree.leaves(again["state"].params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   assert int(again["state"].step) == 4
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  import orbax.checkpoint as ocp
+
+  workdir = str(tmp_path)
+  config = _config(total_steps=6)
+  config.checkpoint_every = 1
+  train.train_and_evaluate(config, workdir, stop_at=2)
+  config.learning_rate = float("nan")  # every update from here on is NaN
+  with pytest.raises(FloatingPointError, match=r"diverged at step 3 .*last good checkpoint "
+                     r"\(step 2\)"):
+    train.train_and_evaluate(config, workdir)
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    assert manager.all_steps() == [1, 2]
+    restored = manager.restore(2)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+
+
+def _shared(*parts):
+
+  path = os.path.join(SHARED, *parts)
+  if not os.path.exists(path):
+    pytest.skip(f"no {path} (../shared is the developers' data)")
+  return os.path.abspath(path)
+
+
+def test_cifar_resnet_smoke_run_with_real_weights(tmp_path):
+  from configs import resnet
+  config = resnet.get_config("cifar10_smoke")
+  config.target.weights = _shared("weights", "uva_cifar10_resnet.msgpack")
+  config.data.root = _shared("data", "cifar10_test_8k.npz")
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert int(result["state"].step) == config.total_steps
+  assert result["eval"]["n"] == 16
+  assert not os.path.exists(os.path.join(tmp_path, "target.msgpack"))  # nothing trained
+
+
+def test_efficientnet_needs_a_data_root(tmp_path):
+
+  from configs import efficientnet
+  with pytest.raises(ValueError, match="config.data.root"):
+    train.train_and_evaluate(efficientnet.get_config("smoke"), str(tmp_path))
+
+
+@pytest.mark.slow
+def test_efficientnet_smoke_run_on_imagenet_samples(tmp_path):
+  from configs import efficientnet
+  config = efficientnet.get_config("smoke")
+  config.data.root = _shared("data", "imagenet_samples")
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["eval"]["n"] == 16 and np.isfinite(result["loss"])

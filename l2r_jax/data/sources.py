@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import importlib.util
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -212,3 +213,66 @@ def imagenet_class_names() -> tuple[str, ...] | None:
   """The 1000 human-readable ImageNet class names, where tensorflow-datasets ships them."""
   from l2r_jax.targets.efficientnet_lite import imagenet_class_names as names
   return names()
+
+
+SPLIT_SEED = 0  # the fixed shuffle that slice splits cut; never the run's seed
+_SLICE = re.compile(r"^\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\]$")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Subset:
+  """The examples `indices` of `source`, in that order, with the source's metadata."""
+  source: Any
+  indices: np.ndarray
+  name: str
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict[str, Any]:
+    return self.source[int(self.indices[int(i)])]
+
+  def __getattr__(self, attr: str) -> Any:  # num_classes, class_names, labels, ...
+    if attr == "labels":
+      return np.asarray(self.source.labels)[self.indices]
+    if attr.startswith("__") or attr in ("source", "indices", "name"):
+      raise AttributeError(attr)
+    return getattr(self.source, attr)
+
+
+def split_indices(n: int, split: str, where: str, field: str = "config.data.*_split") -> np.ndarray:
+  """Indices of `split` of n examples. 'all' is every example in order; a slice '[a:b]' (ints or
+  percentages, like TFDS's '[:80%]', '[6000:]') cuts one fixed shuffle of range(n) (seed
+  SPLIT_SEED, the same on every machine and for every run seed), so '[:80%]' and '[80%:]'
+  partition the examples. Returned in increasing order."""
+  if split == "all":
+    return np.arange(n)
+  m = _SLICE.match(split.strip()) if isinstance(split, str) else None
+  if not m:
+    raise ValueError(f"{where}: split must be 'all' or a slice like '[:80%]', '[6000:]' ("
+                     f"{field}), got {split!r}")
+
+  def bound(text: str | None, default: int) -> int:
+    if text is None:
+      return default
+    if text.endswith("%"):
+      pct = int(text[:-1])
+      if not -100 <= pct <= 100:
+        raise ValueError(f"{where}: split {split!r} has a percentage outside [-100, 100]")
+      return int(round(n * pct / 100))
+    return int(text)
+
+  lo, hi = slice(bound(m.group(1), 0), bound(m.group(2), n)).indices(n)[:2]
+  order = np.random.default_rng(SPLIT_SEED).permutation(n)
+  picked = np.sort(order[lo:hi])
+  if not len(picked):
+    raise ValueError(f"{where}: split {split!r} of {n} examples is empty ({field})")
+  return picked
+
+
+def take_split(source: Any, split: str, field: str = "config.data.*_split") -> Any:
+  """`source` itself for 'all', else a Subset holding the slice `split` (see split_indices)."""
+  name = getattr(source, "name", "source")
+  if split == "all":
+    return source
+  return Subset(source, split_indices(len(source), split, name, field), f"{name}{split}")

@@ -18,13 +18,17 @@ import datetime
 import importlib
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from l2r_jax import targets
 from l2r_jax import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the root
 
 
 def median_seconds(fn, repeats):

@@ -86,19 +86,19 @@ def test_loss_decreases_on_mnist():
   from l2r_jax import data, metrics, target_training
   target = targets.create("vit_tiny_p4_28", random_init=True)
   variables, _ = target_training.train_classifier(
-      target, data.create("mnist5k", split="train"), steps=150, batch_size=64, log=lambda _: None)
+      target, data.create("mnist5k", split="train"), steps=100, batch_size=64, log=lambda _: None)
   target = dataclasses.replace(target, variables=variables)
-  held = next(iter(data.make_batches(data.create("mnist5k", split="test"), batch_size=64,
+  held = next(iter(data.make_batches(data.create("mnist5k", split="test"), batch_size=32,
                                      preprocess=target.preprocess)))
   held = {"image": jnp.asarray(held["image"]), "label": jnp.asarray(held["label"])}
   model = ex.Explainer(width=16)
   config = train.StepConfig(objective=objectives.ObjectiveConfig(num_fractions=8, num_iters=10),
                             references=("mean",), mean_color=(0.13,) * 3, tau_start=0.5,
-                            tau_end=0.5, total_steps=40)
+                            tau_end=0.5, total_steps=30)
   tx = train.make_optimizer(2e-3)
   state = train.create_train_state(model, jax.random.key(0), target, target.variables,
                                    held["image"][:2], held["label"][:2], tx)
-  keys = jax.random.split(jax.random.key(5), 64)
+  keys = jax.random.split(jax.random.key(5), 32)
   evaluate = jax.jit(lambda params: train.loss_and_metrics(
       params, target.variables, held, keys, jnp.int32(0), jnp.float32(0.5), grid=4, model=model,
       target=target, config=config)[0])
@@ -117,7 +117,7 @@ def test_loss_decreases_on_mnist():
   batches = iter(data.make_batches(data.create("mnist5k", split="train"), batch_size=16,
                                    preprocess=target.preprocess, shuffle=True, num_epochs=None,
                                    drop_remainder=True))
-  for _ in range(40):
+  for _ in range(30):
     b = next(batches)
     state, _ = step(state, target.variables, {"image": b["image"], "label": b["label"]},
                     jax.random.key(3))

@@ -157,7 +157,8 @@ def train_classifier(target: base.Target, source, *, steps: int = STEPS,
 
   Batches are shuffled each epoch (seed), preprocessed with `target.preprocess`, and shifted
   by up to `max_shift` pixels (`random_shift`, keys from seed and step). With the defaults,
-  vit_tiny_p4_28 on mnist5k/train reaches 0.965 on mnist5k/test (the slow test asserts >= 0.95) in ~200 s on a 2-core CPU.
+  vit_tiny_p4_28 on mnist5k/train reaches 0.965 on mnist5k/test (the slow test asserts >= 0.95)
+  in ~200 s on a 2-core CPU.
 
   Args:
     target: a registered target whose variables hold only 'params' (e.g. a ViT); its head must

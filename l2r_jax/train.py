@@ -134,7 +134,8 @@ def make_train_step(mesh: Mesh, *, grid: int, model: explainer_lib.Explainer, ta
   `(state, target_variables, batch, rng, backbone_variables=None) -> (state, metrics)`.
 
   The batch is split over the mesh's 'data' axis, params and the target's variables are
-  replicated, and the differentiated loss is the pmean over devices, i.e. the global batch mean. The reference and the Gumbel noise come from
+  replicated, and the differentiated loss is the pmean over devices, i.e. the global batch mean.
+  The reference and the Gumbel noise come from
   (rng, step) and the example's position in the global batch, so the result does not depend on
   the number of devices. `grid` is static: compile one step per grid size. Besides the loss terms,
   metrics hold 'grad_norm' and 'finite' (1.0 when every updated param is finite), so a diverging

@@ -50,7 +50,9 @@ def _run(mesh, steps=2, tx=None):
 
 # SGD is sensitive to the gradient's scale (a device-count factor shows at once), AdamW is the
 # paper's optimizer.
-@pytest.mark.parametrize("tx", [None, optax.sgd(0.5)], ids=["adamw", "sgd"])
+# SGD runs by default (it catches a device-count factor); AdamW is in the slow set for time.
+@pytest.mark.parametrize("tx", [pytest.param(None, id="adamw", marks=pytest.mark.slow),
+                                pytest.param(optax.sgd(0.5), id="sgd")])
 def test_one_and_eight_devices_give_the_same_params(tx):
   if jax.device_count() < 8:
     pytest.skip(f"needs 8 devices, has {jax.device_count()}")

@@ -83,7 +83,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     train.train_and_evaluate(config, workdir)
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
     assert manager.all_steps() == [1, 2]
-    restored = manager.restore(2)
+    restored = manager.restore(2, args=ocp.args.StandardRestore())
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
 
 

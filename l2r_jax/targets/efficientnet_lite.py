@@ -208,6 +208,11 @@ class EfficientNetLite(nn.Module):
       if stage in self.level_stages:
         levels.append(x)
     spatial = conv(self.head_features, name="head")(x)
+    # d logit / d spatial for Grad-CAM (baselines.py) is the gradient with respect to a
+    # 'perturbations' collection passed to `apply`. Not at init: the perturbation's shape is the
+    # batch's, and templates hold only the real variables.
+    if not self.is_initializing():
+      spatial = self.perturb("spatial", spatial)
     # Pool in float32: a bfloat16 mean over 49 cells loses the last bits of the logits.
     pooled = jnp.mean(spatial.astype(jnp.float32), axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,

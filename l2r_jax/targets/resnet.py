@@ -55,6 +55,13 @@ def _layers(dtype) -> tuple[Callable[..., nn.Module], Callable[..., nn.Module]]:
   return conv, norm
 
 
+def _perturb_spatial(module: nn.Module, x):
+  """x through `module.perturb('spatial', .)`: d logit / d spatial is then the gradient with
+  respect to a 'perturbations' collection passed to `apply` (Grad-CAM, baselines.py). Not at
+  init: the perturbation's shape is the batch's, and templates hold only the real variables."""
+  return x if module.is_initializing() else module.perturb("spatial", x)
+
+
 # ----------------------------------------------------------------------------- ImageNet ResNets
 
 
@@ -140,6 +147,7 @@ class ResNet(nn.Module):
         x = self.block_cls(self.num_filters * 2**i, strides, self.dtype,
                            name=f"layer{i + 1}_{j}")(x)
       levels.append(x)
+    x = _perturb_spatial(self, x)
     pooled = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       name="fc")(pooled)
@@ -322,6 +330,7 @@ class CifarResNet(nn.Module):
                        name=f"ResNetBlock_{index}")(x)
         index += 1
       levels.append(x)
+    x = _perturb_spatial(self, x)
     pooled = jnp.mean(x, axis=(1, 2))
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       name="Dense_0")(pooled)

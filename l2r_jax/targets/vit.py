@@ -97,17 +97,31 @@ class EncoderBlock(nn.Module):
   """Pre-LN block: x + attn(norm1(x)), then + mlp(norm2(.)).
 
   Returns (x, attention probs, norm1(x)): the last is what Grad-CAM reads in a ViT.
+
+  Attributes:
+    spatial_grid: (h, w) of the patch tokens in the block whose norm1 output is the target's
+      'spatial' map (the last); there the patch tokens, as a grid f[B, h, w, D], pass through
+      `self.perturb('spatial', .)`, so d logit / d spatial is the gradient with respect to a
+      'perturbations' collection passed to `apply` (Grad-CAM, baselines.py). None elsewhere.
   """
   num_heads: int
   mlp_dim: int
   gelu_approximate: bool = False
   dtype: Any = jnp.float32
   precision: Any = None
+  spatial_grid: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, x: Array) -> tuple[Array, Array, Array]:
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, dtype=self.dtype)
     normed = norm(name="norm1")(x)
+    # Not at init: the perturbation's shape is the batch's, and templates (weight import, random
+    # init) must hold only the real variables.
+    if self.spatial_grid is not None and not self.is_initializing():
+      b, _, d = normed.shape
+      h, w = self.spatial_grid
+      grid = self.perturb("spatial", jnp.reshape(normed[:, 1:], (b, h, w, d)))
+      normed = jnp.concatenate([normed[:, :1], jnp.reshape(grid, (b, h * w, d))], axis=1)
     y, probs = SelfAttention(self.num_heads, self.dtype, self.precision, name="attn")(normed)
     x = x + y
     y = MlpBlock(self.mlp_dim, self.gelu_approximate, self.dtype, self.precision,
@@ -172,7 +186,9 @@ class ViT(nn.Module):
     self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02),
                                     (1, self.num_tokens, self.width))
     self.blocks = [EncoderBlock(self.num_heads, self.mlp_dim, self.gelu_approximate, self.dtype,
-                                self.precision) for _ in range(self.depth)]
+                                self.precision,
+                                spatial_grid=self.grid if i == self.depth - 1 else None)
+                   for i in range(self.depth)]
     self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
     if self.representation_size:
       self.pre_logits = nn.Dense(self.representation_size, dtype=self.dtype,

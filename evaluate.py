@@ -1,0 +1,54 @@
+"""Evaluates a trained explainer beside the baselines: python evaluate.py --workdir /tmp/l2r_vit
+
+Thin CLI over `l2r_jax.evaluate.evaluate`: reads the run's config.json and latest checkpoint
+from --workdir, writes results.json, results.md, curves.png and examples.png there, and prints
+the tables. Choose what runs with --methods and --protocols; the run's protocol fields (mean
+colour, blur, reference) can be overridden with --set, e.g. --set eval.reference=black.
+"""
+import ast
+
+from absl import app
+from absl import flags
+from absl import logging
+
+flags.DEFINE_string("workdir", None, "a training workdir (train.py --workdir)")
+flags.DEFINE_list("methods", None, "methods to compare (default: all that apply)")
+flags.DEFINE_list("protocols", None, "protocols (default: paper, paper_label, black, blur, "
+                  "chefer; also patch, rise)")
+flags.DEFINE_integer("num_examples", None, "held-out images (default: config.eval.num_examples)")
+flags.DEFINE_integer("batch_size", None, "global batch (default: the run's)")
+flags.DEFINE_integer("refine_steps", 10, "test-time refinement steps of 'l2r_refined'")
+flags.DEFINE_float("refine_learning_rate", 0.1, "its Adam learning rate")
+flags.DEFINE_integer("ig_steps", 50, "Integrated Gradients steps")
+flags.DEFINE_integer("rise_masks", 4000, "RISE masks")
+flags.DEFINE_multi_string("set", [], "override a config field of the run: --set key=value")
+flags.mark_flags_as_required(["workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  from l2r_jax import baselines
+  from l2r_jax import evaluate
+  overrides = {}
+  for item in FLAGS.set:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--set takes key=value, got {item!r}")
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  evaluate.evaluate(
+      FLAGS.workdir, methods=FLAGS.methods or evaluate.DEFAULT_METHODS,
+      protocol_names=FLAGS.protocols or evaluate.DEFAULT_PROTOCOLS,
+      num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
+      refine_steps=FLAGS.refine_steps, refine_learning_rate=FLAGS.refine_learning_rate,
+      baseline_options=baselines.Options(ig_steps=FLAGS.ig_steps, rise_masks=FLAGS.rise_masks),
+      overrides=overrides)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,396 @@
+"""The evaluation suite: a trained explainer beside the baselines, under several protocols.
+
+`evaluate(workdir, ...)` reads the run's `config.json` and its latest checkpoint, computes every
+method's maps on the held-out split (config.data.eval_split) in batches over all devices, scores
+them under every protocol, and writes to the workdir:
+- `results.json`: per method x protocol the mean, standard error and n of each score, and the
+  method's seconds per image (map computation only, after the first batch's compilation);
+- `results.md`: the same as Markdown tables (also printed);
+- `curves.png`: mean deletion / insertion curves of each method under the paper's protocol;
+- `examples.png`: the first images with each method's map.
+
+Protocols (METHOD.md): 'paper' (pixels, 21 points, mean reference, softmax, predicted class),
+'paper_label' (the same, ground-truth class), 'black' and 'blur' references, 'patch' (ranking
+units of the ViT's patch size), 'rise' (deletion to the target's normalisation mean, i.e. zero in
+its input space; insertion from a blur; one image row per step), and 'chefer' (positive /
+negative perturbation, top-1 accuracy AUC x 100 against the clean prediction).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from l2r_jax import checks
+from l2r_jax import explainer as explainer_lib
+from l2r_jax import metrics
+from l2r_jax import refine as refine_lib
+
+Array = jax.Array
+PROTOCOLS = ("paper", "paper_label", "black", "blur", "patch", "rise", "chefer")
+L2R_METHODS = ("l2r", "l2r_refined")
+DEFAULT_METHODS = ("l2r", "l2r_refined", "random", "gradient", "gradient_x_input",
+                   "integrated_gradients", "smoothgrad", "gradcam", "rollout", "rise")
+DEFAULT_PROTOCOLS = ("paper", "paper_label", "black", "blur", "chefer")
+# Scores where lower is better, for the table's arrows.
+LOWER_IS_BETTER = {"deletion": True, "insertion": False, "pos": True, "neg": False}
+
+
+def all_methods() -> tuple[str, ...]:
+  from l2r_jax import baselines
+  return L2R_METHODS + tuple(baselines.METHODS)
+
+
+def protocols(config: Any, target: Any, names: Sequence[str]) -> dict[str, Any]:
+  """The named protocols for `target`, with the run's mean colour and blur (config)."""
+  for name in names:
+    checks.choice(name, PROTOCOLS, "protocols")
+  base = metrics.Protocol(reference=config.eval.reference, mean_color=tuple(config.mean_color),
+                          blur_size=config.blur_size, blur_sigma=config.blur_sigma)
+  patch = getattr(target.model, "patch_size", None)
+  h, _ = target.input_size
+  out = {}
+  for name in names:
+    if name == "paper":
+      out[name] = base
+    elif name == "paper_label":
+      out[name] = dataclasses.replace(base, class_source="label")
+    elif name in ("black", "blur"):
+      out[name] = dataclasses.replace(base, reference=name)
+    elif name == "patch":
+      if patch is None:
+        raise ValueError(f"protocol 'patch' ranks ViT patches; target {target.name!r} has none")
+      out[name] = dataclasses.replace(base, unit=int(patch))
+    elif name == "rise":
+      out[name] = dataclasses.replace(base, reference="mean", mean_color=tuple(target.mean),
+                                      insertion_reference="blur", num_steps=h + 1)
+    else:
+      out[name] = "chefer"
+  return out
+
+
+@dataclasses.dataclass
+class _Sums:
+  """Masked sums of per-example scores, for means and standard errors."""
+  total: dict[str, float] = dataclasses.field(default_factory=dict)
+  curves: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def add(self, key: str, values: Array, mask: Array) -> None:
+    w = mask.astype(jnp.float32)
+    for suffix, v in (("", jnp.sum(w * values)), ("_sq", jnp.sum(w * values**2)),
+                      ("_n", jnp.sum(w))):
+      self.total[key + suffix] = self.total.get(key + suffix, 0.0) + float(v)
+
+  def add_curve(self, key: str, curves: Array, mask: Array) -> None:
+    s = np.asarray(jnp.sum(mask.astype(jnp.float32)[:, None] * curves, axis=0))
+    self.curves[key] = self.curves.get(key, 0.0) + s
+
+  def stats(self, key: str) -> dict[str, float]:
+    n = self.total[key + "_n"]
+    mean = self.total[key] / n
+    var = max(self.total[key + "_sq"] / n - mean**2, 0.0) * n / max(n - 1, 1)
+    return {"mean": mean, "se": float(np.sqrt(var / n)), "n": int(n)}
+
+
+def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
+  """(config, target, model, params, backbone) of the training run in `workdir`: its
+  config.json and the explainer params of its latest checkpoint (else explainer.msgpack)."""
+  import ml_collections
+  import orbax.checkpoint as ocp
+  from flax import serialization
+
+  from l2r_jax import train
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"{workdir!r} holds no config.json: it is not a training workdir; train "
+                     f"first (python train.py --config ... --workdir {workdir}) or fix --workdir")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if not config.target.weights and config.target.pretrain_steps:
+    cached = os.path.join(workdir, "target.msgpack")
+    if not os.path.isfile(cached):
+      raise ValueError(f"{workdir!r} lacks target.msgpack, the target its explainer was trained "
+                       f"for; rerun train.py in it (it trains and caches the target)")
+  target = train.build_target(config, workdir, log=lambda _: None)
+  backbone = train.build_backbone(config)
+  model = explainer_lib.Explainer(width=config.explainer.width,
+                                  conditioning=config.explainer.conditioning,
+                                  num_classes=target.num_classes)
+  h, w = target.input_size
+  template = explainer_lib.init(model, jax.random.key(0), target, target.variables,
+                                jnp.zeros((1, h, w, 3)), jnp.zeros((1,), jnp.int32), backbone,
+                                None if backbone is None else backbone.variables)
+  checkpoints = os.path.abspath(os.path.join(workdir, "checkpoints"))
+  export = os.path.join(workdir, "explainer.msgpack")
+  step = None
+  if os.path.isdir(checkpoints):
+    with ocp.CheckpointManager(checkpoints) as manager:
+      step = manager.latest_step()
+      if step is not None:
+        restored = manager.restore(step, args=ocp.args.StandardRestore())
+        params = jax.tree.map(jnp.asarray, restored["params"])
+  if step is None:
+    if not os.path.isfile(export):
+      raise ValueError(f"{workdir!r} holds no checkpoint (checkpoints/) and no explainer.msgpack:"
+                       f" train first (python train.py --workdir {workdir} ...)")
+    with open(export, "rb") as f:
+      params = serialization.from_bytes(template, f.read())
+  if jax.tree.structure(params) != jax.tree.structure(template):
+    raise ValueError(f"the explainer params in {workdir!r} do not fit config.json's explainer")
+  return config, target, model, params, backbone
+
+
+def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
+             protocol_names: Sequence[str] = DEFAULT_PROTOCOLS, num_examples: int | None = None,
+             batch_size: int | None = None, refine_steps: int = 10,
+             refine_learning_rate: float = 0.1, refine_samples: int = 6,
+             baseline_options: Any = None,
+             overrides: dict[str, Any] | None = None, num_figure_examples: int = 4,
+             write: bool = True) -> dict[str, Any]:
+  """Evaluates the run in `workdir` (module docstring); returns what results.json holds.
+
+  overrides: config fields of the run to change, {'eval.reference': 'black', ...}; an unknown
+  field is an error.
+  """
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+  from tqdm import tqdm
+
+  from l2r_jax import baselines
+  from l2r_jax import data
+  from l2r_jax import train
+  from l2r_jax.data import sources
+
+  known = all_methods()
+  for m in methods:
+    checks.choice(m, known, "methods")
+  config, target, model, params, backbone = load_run(workdir)
+  for field, value in (overrides or {}).items():
+    node, *path = field.split(".")
+    parent = config
+    for part in [node, *path][:-1]:
+      if part not in parent:
+        raise ValueError(f"unknown config field {field!r} (--set); the run's fields are in "
+                         f"{workdir}/config.json")
+      parent = parent[part]
+    if field.split(".")[-1] not in parent:
+      raise ValueError(f"unknown config field {field!r} (--set); the run's fields are in "
+                       f"{workdir}/config.json")
+    parent[field.split(".")[-1]] = value
+  if "rollout" in methods and getattr(target.model, "patch_size", None) is None:
+    methods = [m for m in methods if m != "rollout"]
+  methods = list(methods)  # attention rollout is for ViTs only
+  chosen = protocols(config, target, protocol_names)
+  refine_config = refine_lib.RefineConfig(
+      steps=refine_steps, learning_rate=refine_learning_rate, num_samples=refine_samples,
+      grids=tuple(sorted(config.grids))[len(config.grids) // 2:][:2],
+      references=tuple(config.references), mean_color=tuple(config.mean_color),
+      blur_size=config.blur_size, blur_sigma=config.blur_sigma)
+  baseline_options = baseline_options or baselines.Options()
+  mesh = train.data_mesh()
+  sharding = NamedSharding(mesh, P(train.DATA_AXIS))
+  replicated = NamedSharding(mesh, P())
+  target_variables = jax.device_put(target.variables, replicated)
+  backbone_variables = None if backbone is None else jax.device_put(backbone.variables,
+                                                                     replicated)
+  params = jax.device_put(params, replicated)
+  apply_fn = target.apply_fn(target_variables)
+
+  source = train._source(config, config.data.eval_split)
+  limit = config.eval.num_examples if num_examples is None else num_examples
+  if limit and limit < len(source):
+    source = sources.Subset(source, np.arange(limit), f"{source.name}[:{limit}]")
+  batch_size = batch_size or config.eval.batch_size or config.batch_size
+  batches = data.make_batches(source, batch_size=batch_size,
+                              preprocess=train.preprocessing(config, target), num_epochs=1,
+                              drop_remainder=False)
+
+  @jax.jit
+  def l2r_maps(params, images, classes):
+    return explainer_lib.explain(model, params, target, target_variables, images, classes,
+                                 backbone, backbone_variables)
+
+  @jax.jit
+  def refined_maps(maps, images, classes, key):
+    return refine_lib.refine(apply_fn, images, maps, classes, key, refine_config)[0]
+
+  def maps_of(method, images, classes, key):
+    if method == "l2r":
+      return l2r_maps(params, images, classes)
+    if method == "l2r_refined":
+      return refined_maps(l2r_maps(params, images, classes), images, classes, key)
+    return baselines.attribute(method, target, target_variables, images, classes, key=key,
+                               options=baseline_options)
+
+  @jax.jit
+  def predict(images):
+    return jnp.argmax(apply_fn(images), axis=-1).astype(jnp.int32)
+
+  # One compiled scorer per protocol, shared by every method and batch.
+  scorers = {}
+  for name, protocol in chosen.items():
+    if protocol == "chefer":
+      scorers[name] = jax.jit(lambda images, maps, classes: metrics.perturbation_test(
+          apply_fn, images, maps, classes, mean_color=tuple(config.mean_color)))
+    else:
+      scorers[name] = jax.jit(lambda images, maps, classes, protocol=protocol:
+                              metrics.deletion_insertion(apply_fn, images, maps,
+                                                         protocol=protocol, classes=classes))
+  scores = _Sums()
+  seconds = {m: 0.0 for m in methods}
+  timed_images = {m: 0 for m in methods}
+  figure: dict[str, np.ndarray] = {}
+  key = jax.random.key(config.seed + 3)
+  needs_label = any(p.class_source == "label" for p in chosen.values()
+                    if isinstance(p, metrics.Protocol))
+  with tqdm(total=len(source), desc="evaluate", unit="image",
+            disable=jax.process_index() != 0) as bar:
+    for i, local in enumerate(batches):
+      images = jax.make_array_from_process_local_data(sharding, local["image"])
+      labels = jax.make_array_from_process_local_data(sharding, local["label"])
+      mask = jax.make_array_from_process_local_data(sharding, local["mask"])
+      predicted = predict(images)
+      class_sets = {"predicted": predicted}
+      if needs_label:
+        if int(jnp.min(jnp.where(mask, labels, 0))) < 0:
+          raise ValueError("protocol 'paper_label' needs a label for every image; this source "
+                           "has unlabeled images: drop 'paper_label' from --protocols")
+        class_sets["label"] = jnp.where(mask, labels, predicted)
+      for method in methods:
+        for class_source, classes in class_sets.items():
+          k = jax.random.fold_in(jax.random.fold_in(key, i), methods.index(method))
+          t = time.perf_counter()
+          maps = jax.block_until_ready(maps_of(method, images, classes, k))
+          if class_source == "predicted" and (i > 0 or len(batches) == 1):
+            seconds[method] += time.perf_counter() - t
+            timed_images[method] += int(np.sum(local["mask"]))
+          if i == 0 and class_source == "predicted":
+            figure[method] = np.asarray(_gather(maps))[:num_figure_examples]
+          for name, protocol in chosen.items():
+            if protocol == "chefer":
+              if class_source != "predicted":
+                continue
+              out = scorers[name](images, maps, predicted)
+              for k2 in ("pos", "neg"):
+                scores.add(f"{method}/{name}/{k2}", out[k2], mask)
+              continue
+            if protocol.class_source != class_source:
+              continue
+            out = scorers[name](images, maps, classes)
+            for k2 in ("deletion", "insertion"):
+              scores.add(f"{method}/{name}/{k2}", out[k2], mask)
+              if name == "paper":
+                scores.add_curve(f"{method}/{k2}", out[f"{k2}_curve"], mask)
+      if i == 0:
+        figure["_images"] = np.asarray(_gather(images))[:num_figure_examples]
+      bar.update(int(np.sum(local["mask"])) * jax.process_count())
+
+  results: dict[str, Any] = {"workdir": workdir, "split": config.data.eval_split,
+                             "target": config.target.name, "methods": {}, "protocols": {}}
+  for name, protocol in chosen.items():
+    results["protocols"][name] = ("chefer" if protocol == "chefer"
+                                  else dataclasses.asdict(protocol))
+  for method in methods:
+    row: dict[str, Any] = {"seconds_per_image": seconds[method] / max(timed_images[method], 1)}
+    for name, protocol in chosen.items():
+      keys = ("pos", "neg") if protocol == "chefer" else ("deletion", "insertion")
+      row[name] = {k: scores.stats(f"{method}/{name}/{k}") for k in keys}
+    results["methods"][method] = row
+  if "paper" in chosen:
+    n = scores.total[f"{methods[0]}/paper/deletion_n"]
+    results["curves"] = {m: {k: (scores.curves[f"{m}/{k}"] / n).tolist()
+                             for k in ("deletion", "insertion")} for m in methods}
+  table = markdown(results)
+  if jax.process_index() == 0:
+    print(table)
+    if write:
+      with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+      with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(table)
+      if "curves" in results:
+        plot_curves(results, os.path.join(workdir, "curves.png"))
+      plot_examples(figure, methods, os.path.join(workdir, "examples.png"))
+  return results
+
+
+def _gather(x: Array) -> np.ndarray:
+  """The global array on every process (multi-host) as NumPy."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def markdown(results: dict[str, Any]) -> str:
+  """results.json as Markdown: one table per protocol, mean +- standard error."""
+  lines = [f"# Evaluation of {results['workdir']} ({results['target']}, split "
+           f"{results['split']!r})", ""]
+  methods = results["methods"]
+  for name in results["protocols"]:
+    keys = list(next(iter(methods.values()))[name])
+    n = next(iter(methods.values()))[name][keys[0]]["n"]
+    lines.append(f"## {name} (n = {n})")
+    lines.append("")
+    heads = [f"{k} {'(lower is better)' if LOWER_IS_BETTER[k] else '(higher is better)'}"
+             for k in keys]
+    lines.append("| method | " + " | ".join(heads) + " | s / image |")
+    lines.append("| --- | " + " | ".join("---" for _ in keys) + " | --- |")
+    for method, row in methods.items():
+      cells = [f"{row[name][k]['mean']:.4f} +- {row[name][k]['se']:.4f}" for k in keys]
+      lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['seconds_per_image']:.4f} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def plot_curves(results: dict[str, Any], path: str) -> None:
+  """Mean deletion and insertion curves of every method (paper protocol)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  steps = results["protocols"]["paper"]["num_steps"]
+  x = np.linspace(0.0, 1.0, steps)
+  for method, curves in results["curves"].items():
+    for ax, k in zip(axes, ("deletion", "insertion")):
+      auc = results["methods"][method]["paper"][k]["mean"]
+      ax.plot(x, curves[k], label=f"{method} ({auc:.3f})")
+  for ax, k in zip(axes, ("deletion", "insertion")):
+    ax.set_title(f"{k} (paper protocol)")
+    ax.set_xlabel("fraction of pixels " + ("removed" if k == "deletion" else "inserted"))
+    ax.set_ylabel("probability of the class")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_examples(figure: dict[str, np.ndarray], methods: Sequence[str], path: str) -> None:
+  """A grid: each row an image, then each method's map over it."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  images = figure["_images"]
+  rows, cols = len(images), 1 + len(methods)
+  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+  for r in range(rows):
+    axes[r, 0].imshow(np.clip(images[r], 0, 1))
+    for c, method in enumerate(methods, start=1):
+      m = figure[method][r]
+      lo, hi = np.percentile(m, 1), np.percentile(m, 99)
+      axes[r, c].imshow(np.clip(images[r], 0, 1).mean(-1), cmap="gray")
+      axes[r, c].imshow(np.clip((m - lo) / max(hi - lo, 1e-12), 0, 1), cmap="jet", alpha=0.5)
+  for c, title in enumerate(["image", *methods]):
+    axes[0, c].set_title(title, fontsize=7)
+  for ax in axes.flat:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

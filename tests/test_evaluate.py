@@ -1,0 +1,123 @@
+"""The evaluation suite on a real (smoke) training run: outputs, numbers against the brute-force
+reference, and the errors a user meets."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference
+from configs import vit as vit_config
+from l2r_jax import evaluate, explainer, train
+
+METHODS = ("l2r", "l2r_refined", "random", "gradcam", "rollout")
+PROTOCOLS = ("paper", "black", "patch", "chefer")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = vit_config.get_config("smoke")
+  config.eval.num_examples = 12  # not a multiple of the batch: the padding must not count
+  train.train_and_evaluate(config, workdir)
+  results = evaluate.evaluate(workdir, methods=METHODS, protocol_names=PROTOCOLS, batch_size=8,
+                              refine_steps=2, refine_samples=2)
+  return workdir, results
+
+
+def test_outputs(run):
+  workdir, results = run
+  for name in ("results.json", "results.md", "curves.png", "examples.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  assert set(on_disk["methods"]) == set(METHODS) and set(on_disk["protocols"]) == set(PROTOCOLS)
+  for method, row in on_disk["methods"].items():
+    assert row["seconds_per_image"] > 0
+    for name in PROTOCOLS:
+      for k, s in row[name].items():
+        assert s["n"] == 12, (method, name, k)
+        assert np.isfinite(s["mean"]) and s["se"] >= 0
+  assert len(on_disk["curves"]["l2r"]["deletion"]) == 21
+  table = open(os.path.join(workdir, "results.md")).read()
+  assert "| l2r_refined |" in table and "## chefer (n = 12)" in table
+
+
+def test_paper_protocol_matches_the_brute_force_reference(run):
+  """The explainer's 'paper' deletion and insertion means, recomputed image by image, fraction by
+  fraction in float64 NumPy from the exported explainer."""
+  workdir, results = run
+  config, target, model, params, _ = evaluate.load_run(workdir)
+  from l2r_jax import data
+  from l2r_jax.data import sources
+  source = train._source(config, config.data.eval_split)
+  source = sources.Subset(source, np.arange(12), "first 12")
+  batch = next(iter(data.make_batches(source, batch_size=12, preprocess=target.preprocess)))
+  images = jnp.asarray(batch["image"])
+  apply_fn = jax.jit(target.apply_fn())
+  classes = jnp.argmax(apply_fn(images), -1).astype(jnp.int32)
+  maps = np.asarray(explainer.explain(model, params, target, target.variables, images, classes))
+  fractions = np.linspace(0, 1, 21)
+  dels, inss = [], []
+  for i in range(12):
+    x = np.asarray(images[i], np.float64)
+    ref = reference.reference_image(x, "mean", mean_color=tuple(config.mean_color))
+
+    def score(image, c=int(classes[i])):
+      logits = np.asarray(apply_fn(jnp.asarray(image[None], jnp.float32)), np.float64)
+      return reference.softmax(logits)[0, c]
+
+    dels.append(reference.trapezoid(reference.deletion_curve(score, x, maps[i], ref, fractions),
+                                    fractions))
+    inss.append(reference.trapezoid(reference.deletion_curve(score, x, -maps[i], ref, fractions),
+                                    fractions))
+  got = results["methods"]["l2r"]["paper"]
+  np.testing.assert_allclose(got["deletion"]["mean"], np.mean(dels), atol=2e-4)
+  np.testing.assert_allclose(got["insertion"]["mean"], np.mean(inss), atol=2e-4)
+  np.testing.assert_allclose(got["deletion"]["se"], np.std(dels, ddof=1) / np.sqrt(12), atol=2e-4)
+
+
+def test_errors_name_what_is_missing(run, tmp_path):
+  workdir, _ = run
+  with pytest.raises(ValueError, match="no config.json"):
+    evaluate.evaluate(str(tmp_path))
+  with pytest.raises(ValueError, match="methods must be one of"):
+    evaluate.evaluate(workdir, methods=("l2r", "lime"))
+  with pytest.raises(ValueError, match="protocols must be one of"):
+    evaluate.evaluate(workdir, methods=("l2r",), protocol_names=("paper", "imagenet_c"))
+  with pytest.raises(ValueError, match="unknown config field 'eval.referense'"):
+    evaluate.evaluate(workdir, methods=("l2r",), overrides={"eval.referense": "black"})
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+  import shutil
+  shutil.copy(os.path.join(workdir, "target.msgpack"), empty)
+  with pytest.raises(ValueError, match="no checkpoint"):
+    evaluate.evaluate(str(empty), methods=("l2r",))
+
+
+def test_explain_image_files(run, tmp_path):
+  from PIL import Image
+
+  from l2r_jax import data
+  from l2r_jax import explain
+  workdir, _ = run
+  digits = data.create("mnist5k", split="test")
+  paths = []
+  for i in range(2):
+    path = str(tmp_path / f"digit{i}.png")
+    Image.fromarray(digits[i]["image"]).save(path)
+    paths.append(path)
+  out = explain.explain_files(workdir, paths, str(tmp_path / "out"))
+  config, target, model, params, _ = evaluate.load_run(workdir)
+  images = jnp.stack([jnp.asarray(target.preprocess(digits[i]["image"])) for i in range(2)])
+  classes = jnp.argmax(target.apply(target.variables, images), -1).astype(jnp.int32)
+  expected = explainer.explain(model, params, target, target.variables, images, classes)
+  for i, r in enumerate(out):
+    assert r["class"] == int(classes[i]) and os.path.getsize(r["png"]) > 0
+    np.testing.assert_allclose(np.load(r["npy"]), expected[i], rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="IMAGE"):
+    explain.explain_files(workdir, [str(tmp_path / "missing.jpg")], str(tmp_path / "out"))
+  with pytest.raises(ValueError, match="class_index"):
+    explain.explain_files(workdir, paths, str(tmp_path / "out"), class_index=10)

@@ -29,7 +29,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.augment = False  # random resized crop + flip in training
 
   c.eval = ml_collections.ConfigDict()  # the held-out evaluation at the end of training
-  c.eval.num_examples = 0  # the first ones of config.data.eval_split; 0 = all
+  c.eval.num_examples = 0  # a fixed sample of config.data.eval_split (sources.subsample); 0: all
   c.eval.batch_size = 0  # 0: config.batch_size
   c.eval.reference = "mean"  # the paper's protocol: mean colour, 21 points, predicted class
 

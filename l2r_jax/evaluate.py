@@ -205,8 +205,7 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
 
   source = train._source(config, config.data.eval_split)
   limit = config.eval.num_examples if num_examples is None else num_examples
-  if limit and limit < len(source):
-    source = sources.Subset(source, np.arange(limit), f"{source.name}[:{limit}]")
+  source = sources.subsample(source, limit)
   batch_size = batch_size or config.eval.batch_size or config.batch_size
   batches = data.make_batches(source, batch_size=batch_size,
                               preprocess=train.preprocessing(config, target), num_epochs=1,

@@ -269,8 +269,9 @@ def evaluate_heldout(config: Any, params: Any, target: Any, target_variables: An
                      model: explainer_lib.Explainer, mesh: Mesh, backbone: Any = None,
                      backbone_variables: Any = None) -> dict[str, Any]:
   """Deletion and insertion AUC (hard ranking, `heldout_protocol`, predicted class) of the
-  explainer's maps and of random rankings on config.data.eval_split (its first
-  config.eval.num_examples examples; 0 = all), batched over `mesh`.
+  explainer's maps and of random rankings on config.data.eval_split (a fixed sample of
+  config.eval.num_examples of it spread over the split, `sources.subsample`; 0 = all), batched
+  over `mesh`.
 
   Returns {'n', 'explainer': {...}, 'random': {...}} with per-method 'deletion', 'insertion' and
   their standard errors 'deletion_se', 'insertion_se'. Padding examples (mask False) are not
@@ -284,9 +285,7 @@ def evaluate_heldout(config: Any, params: Any, target: Any, target_variables: An
   from l2r_jax.data import sources
 
   source = _source(config, config.data.eval_split)
-  limit = config.eval.num_examples
-  if limit and limit < len(source):
-    source = sources.Subset(source, np.arange(limit), f"{source.name}[:{limit}]")
+  source = sources.subsample(source, config.eval.num_examples)
   protocol = heldout_protocol(config)
   batch_size = config.eval.batch_size or config.batch_size
   sharding = NamedSharding(mesh, P(DATA_AXIS))

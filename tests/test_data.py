@@ -331,3 +331,13 @@ def test_create_cuts_splits_from_sources_without_their_own(tmp_path):
   i = int(held.indices[0])
   np.testing.assert_array_equal(held[0]["image"], images[i])
   np.testing.assert_array_equal(held.labels, np.arange(20)[held.indices] % 5)
+
+
+def test_subsample_is_fixed_and_spread_over_a_class_sorted_source():
+  test = data.create("mnist5k", split="test")  # 100 digits of each class, sorted by class
+  assert list(test.labels[:100]) == [0] * 100
+  sample = sources.subsample(test, 50)
+  assert len(sample) == 50 and len(set(sample.labels.tolist())) == 10
+  assert np.all(np.diff(sample.indices) > 0)
+  np.testing.assert_array_equal(sample.indices, sources.subsample(test, 50).indices)
+  assert sources.subsample(test, 0) is test and sources.subsample(test, 5000) is test

@@ -52,7 +52,7 @@ def test_paper_protocol_matches_the_brute_force_reference(run):
   from l2r_jax import data
   from l2r_jax.data import sources
   source = train._source(config, config.data.eval_split)
-  source = sources.Subset(source, np.arange(12), "first 12")
+  source = sources.subsample(source, 12)
   batch = next(iter(data.make_batches(source, batch_size=12, preprocess=target.preprocess)))
   images = jnp.asarray(batch["image"])
   apply_fn = jax.jit(target.apply_fn())

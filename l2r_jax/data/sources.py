@@ -276,3 +276,13 @@ def take_split(source: Any, split: str, field: str = "config.data.*_split") -> A
   if split == "all":
     return source
   return Subset(source, split_indices(len(source), split, name, field), f"{name}{split}")
+
+
+def subsample(source: Any, n: int) -> Any:
+  """`source` itself when n is 0 or >= len(source), else a Subset of n examples drawn from one
+  fixed shuffle (seed SPLIT_SEED), kept in source order: spread over the whole source, so a
+  class-sorted source (MNIST, folders) still gives every class, and the same on every run."""
+  if not n or n >= len(source):
+    return source
+  picked = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(source))[:n])
+  return Subset(source, picked, f"{getattr(source, 'name', 'source')}[{n} of {len(source)}]")

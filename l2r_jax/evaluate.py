@@ -76,29 +76,6 @@ def protocols(config: Any, target: Any, names: Sequence[str]) -> dict[str, Any]:
   return out
 
 
-@dataclasses.dataclass
-class _Sums:
-  """Masked sums of per-example scores, for means and standard errors."""
-  total: dict[str, float] = dataclasses.field(default_factory=dict)
-  curves: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-
-  def add(self, key: str, values: Array, mask: Array) -> None:
-    w = mask.astype(jnp.float32)
-    for suffix, v in (("", jnp.sum(w * values)), ("_sq", jnp.sum(w * values**2)),
-                      ("_n", jnp.sum(w))):
-      self.total[key + suffix] = self.total.get(key + suffix, 0.0) + float(v)
-
-  def add_curve(self, key: str, curves: Array, mask: Array) -> None:
-    s = np.asarray(jnp.sum(mask.astype(jnp.float32)[:, None] * curves, axis=0))
-    self.curves[key] = self.curves.get(key, 0.0) + s
-
-  def stats(self, key: str) -> dict[str, float]:
-    n = self.total[key + "_n"]
-    mean = self.total[key] / n
-    var = max(self.total[key + "_sq"] / n - mean**2, 0.0) * n / max(n - 1, 1)
-    return {"mean": mean, "se": float(np.sqrt(var / n)), "n": int(n)}
-
-
 def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
   """(config, target, model, params, backbone) of the training run in `workdir`: its
   config.json and the explainer params of its latest checkpoint (else explainer.msgpack)."""
@@ -242,7 +219,7 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
       scorers[name] = jax.jit(lambda images, maps, classes, protocol=protocol:
                               metrics.deletion_insertion(apply_fn, images, maps,
                                                          protocol=protocol, classes=classes))
-  scores = _Sums()
+  scores = metrics.Accumulator()
   seconds = {m: 0.0 for m in methods}
   timed_images = {m: 0 for m in methods}
   figure: dict[str, np.ndarray] = {}

@@ -223,3 +223,28 @@ def perturbation_test(apply_fn: ApplyFn,
   auc = 100.0 * objectives.trapezoid_auc(curves, fractions)
   return {"pos": auc[:, 0], "neg": auc[:, 1], "pos_curve": curves[:, 0],
           "neg_curve": curves[:, 1]}
+
+
+@dataclasses.dataclass
+class Accumulator:
+  """Masked sums of per-example scores over batches (and devices, and processes: the sums of
+  global arrays), for means, standard errors and mean curves; padding (mask False) never counts."""
+  total: dict[str, float] = dataclasses.field(default_factory=dict)
+  curves: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def add(self, key: str, values: Array, mask: Array) -> None:
+    w = mask.astype(jnp.float32)
+    for suffix, v in (("", jnp.sum(w * values)), ("_sq", jnp.sum(w * values**2)),
+                      ("_n", jnp.sum(w))):
+      self.total[key + suffix] = self.total.get(key + suffix, 0.0) + float(v)
+
+  def add_curve(self, key: str, curves: Array, mask: Array) -> None:
+    s = np.asarray(jnp.sum(mask.astype(jnp.float32)[:, None] * curves, axis=0))
+    self.curves[key] = self.curves.get(key, 0.0) + s
+
+  def stats(self, key: str) -> dict[str, float]:
+    """{'mean', 'se' (standard error, n - 1 in the variance), 'n'} of `key`."""
+    n = self.total[key + "_n"]
+    mean = self.total[key] / n
+    var = max(self.total[key + "_sq"] / n - mean**2, 0.0) * n / max(n - 1, 1)
+    return {"mean": mean, "se": float(np.sqrt(var / n)), "n": int(n)}

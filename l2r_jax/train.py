@@ -277,7 +277,6 @@ def evaluate_heldout(config: Any, params: Any, target: Any, target_variables: An
   their standard errors 'deletion_se', 'insertion_se'. Padding examples (mask False) are not
   counted; every process gets the same numbers.
   """
-  import numpy as np
   from jax.sharding import NamedSharding
 
   from l2r_jax import data
@@ -291,42 +290,35 @@ def evaluate_heldout(config: Any, params: Any, target: Any, target_variables: An
   sharding = NamedSharding(mesh, P(DATA_AXIS))
 
   @jax.jit
-  def sums(params, target_variables, backbone_variables, images, mask, key):
+  def aucs(params, target_variables, backbone_variables, images, key):
     apply_fn = target.apply_fn(target_variables)
     classes = jnp.argmax(apply_fn(images), axis=-1).astype(jnp.int32)
     maps = {"explainer": explainer_lib.explain(model, params, target, target_variables, images,
                                                classes, backbone, backbone_variables),
             "random": jax.random.uniform(key, images.shape[:3])}
-    w = mask.astype(jnp.float32)
-    out = {"n": jnp.sum(w)}
-    for method, m in maps.items():
-      aucs = metrics.deletion_insertion(apply_fn, images, m, protocol=protocol, classes=classes)
-      for k in ("deletion", "insertion"):
-        out[f"{method}/{k}"] = jnp.sum(w * aucs[k])
-        out[f"{method}/{k}_sq"] = jnp.sum(w * aucs[k] ** 2)
-    return out
+    return {method: metrics.deletion_insertion(apply_fn, images, m, protocol=protocol,
+                                               classes=classes) for method, m in maps.items()}
 
-  total: dict[str, float] = {}
+  scores = metrics.Accumulator()
   batches = data.make_batches(source, batch_size=batch_size,
                               preprocess=preprocessing(config, target), num_epochs=1,
                               drop_remainder=False)
   key = jax.random.key(config.seed + 2)
   for i, local in enumerate(batches):
-    batch = {k: jax.make_array_from_process_local_data(sharding, local[k])
-             for k in ("image", "mask")}
-    out = sums(params, target_variables, backbone_variables, batch["image"], batch["mask"],
-               jax.random.fold_in(key, i))
-    for k, v in out.items():
-      total[k] = total.get(k, 0.0) + float(v)
-  n = total["n"]
-  result: dict[str, Any] = {"n": int(n), "split": config.data.eval_split,
+    images, mask = (jax.make_array_from_process_local_data(sharding, local[k])
+                    for k in ("image", "mask"))
+    out = aucs(params, target_variables, backbone_variables, images, jax.random.fold_in(key, i))
+    for method, values in out.items():
+      for k in ("deletion", "insertion"):
+        scores.add(f"{method}/{k}", values[k], mask)
+  result: dict[str, Any] = {"n": scores.stats("explainer/deletion")["n"],
+                            "split": config.data.eval_split,
                             "protocol": dataclasses.asdict(protocol)}
   for method in ("explainer", "random"):
     row = {}
     for k in ("deletion", "insertion"):
-      mean = total[f"{method}/{k}"] / n
-      var = max(total[f"{method}/{k}_sq"] / n - mean**2, 0.0) * n / max(n - 1, 1)
-      row[k], row[f"{k}_se"] = mean, float(np.sqrt(var / n))
+      stats = scores.stats(f"{method}/{k}")
+      row[k], row[f"{k}_se"] = stats["mean"], stats["se"]
     result[method] = row
   return result
 

@@ -139,3 +139,20 @@ def test_bad_input_raises_value_error(setup, kwargs, match):
 def test_bad_protocol_raises_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):
     metrics.Protocol(**kwargs)
+
+
+def test_accumulator_means_and_standard_errors_skip_padding():
+  rng = np.random.default_rng(0)
+  values = rng.uniform(size=(3, 8))
+  masks = np.ones((3, 8), bool)
+  masks[2, 5:] = False  # the padded tail of the last batch
+  acc = metrics.Accumulator()
+  for v, m in zip(values, masks):
+    acc.add("x", jnp.asarray(v), jnp.asarray(m))
+    acc.add_curve("c", jnp.asarray(np.stack([v, 2 * v], axis=1)), jnp.asarray(m))
+  kept = values[masks]
+  stats = acc.stats("x")
+  assert stats["n"] == 21
+  np.testing.assert_allclose(stats["mean"], kept.mean(), rtol=1e-6)
+  np.testing.assert_allclose(stats["se"], kept.std(ddof=1) / np.sqrt(21), rtol=1e-4)
+  np.testing.assert_allclose(acc.curves["c"] / 21, [kept.mean(), 2 * kept.mean()], rtol=1e-5)

@@ -7,6 +7,8 @@ Several hosts (a TPU pod slice, a SLURM or Open MPI job): run the same command o
 with --distributed (jax.distributed.initialize() finds the cluster), or give the coordinator
 yourself: --coordinator_address=host0:1234 --num_processes=2 --process_id=<0 or 1>.
 """
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -32,7 +34,10 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from l2r_jax import train
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except KeyboardInterrupt:
+    sys.exit(130)  # the loop has saved the finished steps and said how to resume
 
 
 if __name__ == "__main__":

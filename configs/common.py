@@ -22,7 +22,13 @@ def base() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = ""  # l2r_jax.data.SOURCES
   c.data.root = ""  # the folder or file it reads
-  c.data.options = {}  # extra arguments of the source (data.create), e.g. {'builder': ...}
+  c.data.options = {}  # extra arguments of the source (data.create), e.g. {'num_classes': 10}
+  # source 'tfds': the builder (e.g. 'imagenet2012'), where its prepared data lives (default
+  # TFDS's ~/tensorflow_datasets) and, to prepare it once, the folder of the files it is made
+  # from (the ILSVRC-2012 tars).
+  c.data.builder = ""
+  c.data.data_dir = ""
+  c.data.manual_dir = ""
   c.data.train_split = "all"
   c.data.eval_split = "all"
   c.data.preprocess = "target"  # 'target' (its own resize / crop) or 'resize' (the paper's)

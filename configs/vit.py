@@ -11,8 +11,9 @@ digits and cached in the workdir (`target.msgpack`), unless config.target.weight
 
 'imagenet': the paper's setting (METHOD.md): ViT-B/16 at 224, plain resize, batch 32, one epoch
 (40k steps), grids 7..28, target in bf16. Data: an ImageNet train folder (class sub-folders,
-config.data.root) or TFDS (--config.data.source=tfds --config.data.options.builder=imagenet2012
---config.data.train_split=train --config.data.eval_split=validation). The paper's explainer uses
+config.data.root) or TFDS (--config.data.source=tfds --config.data.builder=imagenet2012
+--config.data.train_split=train --config.data.eval_split=validation, and
+--config.data.data_dir=<where it is prepared> or --config.data.manual_dir=<the ILSVRC tars>). The paper's explainer uses
 a DINOv3 ViT-L/16 backbone, which cannot be had here; ours reads the target's own features
 unless config.explainer.backbone names another.
 """

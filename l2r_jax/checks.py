@@ -6,6 +6,8 @@ and dtype checks always run, as they are known at trace time.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -115,10 +117,26 @@ def existing_path(path: Any, field: str, what: str, kind: str = "file",
   """
   choice(kind, ("file", "folder"), "kind")
   noun = noun or kind
+  # A config field is set on the train.py command line as --config.<field>=...
+  flag = f" (train.py --{field}=PATH)" if field.startswith("config.") else ""
   if not path:
-    raise ValueError(f"{what} needs a {noun}: set {field} to its path (nothing is downloaded)")
+    raise ValueError(f"{what} needs a {noun}: set {field}{flag} to its path (nothing is "
+                     f"downloaded)")
   p = Path(path).expanduser()
   if not (p.is_file() if kind == "file" else p.is_dir()):
-    raise ValueError(f"{what}: {noun} {str(p)!r} does not exist; set {field} to the path of an "
-                     f"existing {noun} (nothing is downloaded)")
+    raise ValueError(f"{what}: {noun} {str(p)!r} does not exist; set {field}{flag} to the path "
+                     f"of an existing {noun} (nothing is downloaded)")
   return p
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(advice: str) -> Iterator[None]:
+  """Turns an accelerator's out-of-memory error (XLA's RESOURCE_EXHAUSTED) raised in the block
+  into a MemoryError that says what to change (`advice`), chained to the original."""
+  try:
+    yield
+  except RuntimeError as e:  # jax.errors.JaxRuntimeError
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    first = str(e).strip().splitlines()[0][:300]
+    raise MemoryError(f"out of accelerator memory ({first}); {advice}") from e

@@ -7,7 +7,8 @@ them under every protocol, and writes to the workdir:
   method's seconds per image (map computation only, after the first batch's compilation);
 - `results.md`: the same as Markdown tables (also printed);
 - `curves.png`: mean deletion / insertion curves of each method under the paper's protocol;
-- `examples.png`: the first images with each method's map.
+- `examples.png`: one image per class (the first met, up to `num_figure_examples`) with each
+  method's map.
 
 Protocols (METHOD.md): 'paper' (pixels, 21 points, mean reference, softmax, predicted class),
 'paper_label' (the same, ground-truth class), 'black' and 'blur' references, 'patch' (ranking
@@ -76,6 +77,17 @@ def protocols(config: Any, target: Any, names: Sequence[str]) -> dict[str, Any]:
   return out
 
 
+def refine_settings(config: Any, steps: int, learning_rate: float = 0.1,
+                    num_samples: int = 6) -> refine_lib.RefineConfig:
+  """Test-time refinement for the run of `config`: its references, mean colour and blur, and the
+  finer half of its training grids (at most two; refinement sharpens what the single pass gives)."""
+  return refine_lib.RefineConfig(
+      steps=steps, learning_rate=learning_rate, num_samples=num_samples,
+      grids=tuple(sorted(config.grids))[len(config.grids) // 2:][:2],
+      references=tuple(config.references), mean_color=tuple(config.mean_color),
+      blur_size=config.blur_size, blur_sigma=config.blur_sigma)
+
+
 def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
   """(config, target, model, params, backbone) of the training run in `workdir`: its
   config.json and the explainer params of its latest checkpoint (else explainer.msgpack)."""
@@ -101,9 +113,13 @@ def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
                                   conditioning=config.explainer.conditioning,
                                   num_classes=target.num_classes)
   h, w = target.input_size
-  template = explainer_lib.init(model, jax.random.key(0), target, target.variables,
-                                jnp.zeros((1, h, w, 3)), jnp.zeros((1,), jnp.int32), backbone,
-                                None if backbone is None else backbone.variables)
+  tx = train.make_optimizer(train.learning_rate_fn(config.learning_rate, config.total_steps,
+                                                   config.warmup_fraction),
+                            config.weight_decay, config.clip_norm)
+  state = train.create_train_state(model, jax.random.key(0), target, target.variables,
+                                   jnp.zeros((1, h, w, 3)), jnp.zeros((1,), jnp.int32), tx,
+                                   backbone, None if backbone is None else backbone.variables)
+  template = state.params
   checkpoints = os.path.abspath(os.path.join(workdir, "checkpoints"))
   export = os.path.join(workdir, "explainer.msgpack")
   step = None
@@ -111,8 +127,12 @@ def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
     with ocp.CheckpointManager(checkpoints) as manager:
       step = manager.latest_step()
       if step is not None:
-        restored = manager.restore(step, args=ocp.args.StandardRestore())
-        params = jax.tree.map(jnp.asarray, restored["params"])
+        # Restored onto this process's devices, whatever devices the run was trained on (a TPU
+        # pod's checkpoint evaluated on one GPU or CPU).
+        replicated = jax.sharding.NamedSharding(train.data_mesh(), jax.sharding.PartitionSpec())
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+        params = manager.restore(step, args=ocp.args.StandardRestore(abstract)).params
   if step is None:
     if not os.path.isfile(export):
       raise ValueError(f"{workdir!r} holds no checkpoint (checkpoints/) and no explainer.msgpack:"
@@ -130,8 +150,10 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
              refine_learning_rate: float = 0.1, refine_samples: int = 6,
              baseline_options: Any = None,
              overrides: dict[str, Any] | None = None, num_figure_examples: int = 4,
-             write: bool = True) -> dict[str, Any]:
+             write: bool = True, verbose: bool = True) -> dict[str, Any]:
   """Evaluates the run in `workdir` (module docstring); returns what results.json holds.
+
+  write: write results.json, results.md and the figures; verbose: print the tables.
 
   overrides: config fields of the run to change, {'eval.reference': 'black', ...}; an unknown
   field is an error.
@@ -165,11 +187,7 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
     methods = [m for m in methods if m != "rollout"]
   methods = list(methods)  # attention rollout is for ViTs only
   chosen = protocols(config, target, protocol_names)
-  refine_config = refine_lib.RefineConfig(
-      steps=refine_steps, learning_rate=refine_learning_rate, num_samples=refine_samples,
-      grids=tuple(sorted(config.grids))[len(config.grids) // 2:][:2],
-      references=tuple(config.references), mean_color=tuple(config.mean_color),
-      blur_size=config.blur_size, blur_sigma=config.blur_sigma)
+  refine_config = refine_settings(config, refine_steps, refine_learning_rate, refine_samples)
   baseline_options = baseline_options or baselines.Options()
   mesh = train.data_mesh()
   sharding = NamedSharding(mesh, P(train.DATA_AXIS))
@@ -180,7 +198,7 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
   params = jax.device_put(params, replicated)
   apply_fn = target.apply_fn(target_variables)
 
-  source = train._source(config, config.data.eval_split)
+  source = train.source(config, config.data.eval_split)
   limit = config.eval.num_examples if num_examples is None else num_examples
   source = sources.subsample(source, limit)
   batch_size = batch_size or config.eval.batch_size or config.batch_size
@@ -222,12 +240,15 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
   scores = metrics.Accumulator()
   seconds = {m: 0.0 for m in methods}
   timed_images = {m: 0 for m in methods}
-  figure: dict[str, np.ndarray] = {}
+  # examples.png: the first image of each class met, up to num_figure_examples.
+  figure: dict[str, list[np.ndarray]] = {k: [] for k in ("_images", "_labels", *methods)}
   key = jax.random.key(config.seed + 3)
   needs_label = any(p.class_source == "label" for p in chosen.values()
                     if isinstance(p, metrics.Protocol))
+  advice = (f"lower the batch (evaluate.py --batch_size={max(batch_size // 2, 1)}, a multiple "
+            f"of the {mesh.size} devices)")
   with tqdm(total=len(source), desc="evaluate", unit="image",
-            disable=jax.process_index() != 0) as bar:
+            disable=jax.process_index() != 0) as bar, checks.explain_out_of_memory(advice):
     for i, local in enumerate(batches):
       images = jax.make_array_from_process_local_data(sharding, local["image"])
       labels = jax.make_array_from_process_local_data(sharding, local["label"])
@@ -239,6 +260,11 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
           raise ValueError("protocol 'paper_label' needs a label for every image; this source "
                            "has unlabeled images: drop 'paper_label' from --protocols")
         class_sets["label"] = jnp.where(mask, labels, predicted)
+      picks = (None if len(figure["_images"]) >= num_figure_examples else
+               _figure_picks(figure, _gather(labels), _gather(mask), num_figure_examples))
+      if picks is not None:
+        figure["_images"].extend(np.asarray(_gather(images))[picks])
+        figure["_labels"].extend(np.asarray(_gather(labels))[picks])
       for method in methods:
         for class_source, classes in class_sets.items():
           k = jax.random.fold_in(jax.random.fold_in(key, i), methods.index(method))
@@ -247,8 +273,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
           if class_source == "predicted" and (i > 0 or len(batches) == 1):
             seconds[method] += time.perf_counter() - t
             timed_images[method] += int(np.sum(local["mask"]))
-          if i == 0 and class_source == "predicted":
-            figure[method] = np.asarray(_gather(maps))[:num_figure_examples]
+          if picks is not None and class_source == "predicted":
+            figure[method].extend(np.asarray(_gather(maps))[picks])
           for name, protocol in chosen.items():
             if protocol == "chefer":
               if class_source != "predicted":
@@ -264,12 +290,16 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
               scores.add(f"{method}/{name}/{k2}", out[k2], mask)
               if name == "paper":
                 scores.add_curve(f"{method}/{k2}", out[f"{k2}_curve"], mask)
-      if i == 0:
-        figure["_images"] = np.asarray(_gather(images))[:num_figure_examples]
       bar.update(int(np.sum(local["mask"])) * jax.process_count())
 
-  results: dict[str, Any] = {"workdir": workdir, "split": config.data.eval_split,
-                             "target": config.target.name, "methods": {}, "protocols": {}}
+  import datetime
+  results: dict[str, Any] = {
+      "workdir": workdir, "split": config.data.eval_split, "target": config.target.name,
+      # Where the seconds per image were measured.
+      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "jax": jax.__version__,
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+      "methods": {}, "protocols": {}}
   for name, protocol in chosen.items():
     results["protocols"][name] = ("chefer" if protocol == "chefer"
                                   else dataclasses.asdict(protocol))
@@ -285,7 +315,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
                              for k in ("deletion", "insertion")} for m in methods}
   table = markdown(results)
   if jax.process_index() == 0:
-    print(table)
+    if verbose:
+      print(table)
     if write:
       with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -295,6 +326,22 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
         plot_curves(results, os.path.join(workdir, "curves.png"))
       plot_examples(figure, methods, os.path.join(workdir, "examples.png"))
   return results
+
+
+def _figure_picks(figure: dict[str, list], labels: np.ndarray, mask: np.ndarray,
+                  wanted: int) -> np.ndarray | None:
+  """Indices into this batch of the images examples.png still wants (valid, of a class not yet
+  shown, unlabeled ones always; up to `wanted` in all), or None when it wants none."""
+  shown = {int(c) for c in figure["_labels"] if c >= 0}
+  picks = []
+  for j, (label, valid) in enumerate(zip(labels.tolist(), mask.tolist())):
+    if len(figure["_images"]) + len(picks) >= wanted:
+      break
+    if valid and label not in shown:
+      if label >= 0:
+        shown.add(label)
+      picks.append(j)
+  return np.asarray(picks, np.int64) if picks else None
 
 
 def _gather(x: Array) -> np.ndarray:
@@ -328,10 +375,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 def plot_curves(results: dict[str, Any], path: str) -> None:
   """Mean deletion and insertion curves of every method (paper protocol)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
+  fig = Figure(figsize=(10, 4))
+  axes = fig.subplots(1, 2)
   steps = results["protocols"]["paper"]["num_steps"]
   x = np.linspace(0.0, 1.0, steps)
   for method, curves in results["curves"].items():
@@ -345,28 +391,30 @@ def plot_curves(results: dict[str, Any], path: str) -> None:
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
-def plot_examples(figure: dict[str, np.ndarray], methods: Sequence[str], path: str) -> None:
-  """A grid: each row an image, then each method's map over it."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+def overlay(ax: Any, image: np.ndarray, attribution: np.ndarray) -> None:
+  """`attribution` f32[H, W] over the grey `image` f32[H, W, 3] on a matplotlib axis: jet colours
+  between the map's 1st and 99th percentiles, so a few extreme pixels do not wash it out."""
+  lo, hi = np.percentile(attribution, 1), np.percentile(attribution, 99)
+  ax.imshow(np.clip(image, 0, 1).mean(-1), cmap="gray")
+  ax.imshow(np.clip((attribution - lo) / max(hi - lo, 1e-12), 0, 1), cmap="jet", alpha=0.5)
+  ax.axis("off")
+
+
+def plot_examples(figure: dict[str, list[np.ndarray]], methods: Sequence[str], path: str) -> None:
+  """A grid: each row an image (one per class), then each method's map over it."""
+  from matplotlib.figure import Figure
   images = figure["_images"]
   rows, cols = len(images), 1 + len(methods)
-  fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+  fig = Figure(figsize=(1.6 * cols, 1.6 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for r in range(rows):
     axes[r, 0].imshow(np.clip(images[r], 0, 1))
+    axes[r, 0].axis("off")
     for c, method in enumerate(methods, start=1):
-      m = figure[method][r]
-      lo, hi = np.percentile(m, 1), np.percentile(m, 99)
-      axes[r, c].imshow(np.clip(images[r], 0, 1).mean(-1), cmap="gray")
-      axes[r, c].imshow(np.clip((m - lo) / max(hi - lo, 1e-12), 0, 1), cmap="jet", alpha=0.5)
+      overlay(axes[r, c], images[r], figure[method][r])
   for c, title in enumerate(["image", *methods]):
     axes[0, c].set_title(title, fontsize=7)
-  for ax in axes.flat:
-    ax.axis("off")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)

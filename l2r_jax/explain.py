@@ -44,14 +44,10 @@ def explain_files(workdir: str, paths: Sequence[str], out: str, class_index: int
   maps = explainer_lib.explain(model, params, target, target.variables, images, classes,
                                backbone, None if backbone is None else backbone.variables)
   if refine_steps:
-    cfg = refine_lib.RefineConfig(steps=refine_steps, references=tuple(config.references),
-                                  mean_color=tuple(config.mean_color),
-                                  blur_size=config.blur_size, blur_sigma=config.blur_sigma)
+    cfg = evaluate.refine_settings(config, refine_steps)
     maps, _ = refine_lib.refine(target.apply_fn(), images, maps, classes, jax.random.key(0), cfg)
   os.makedirs(out, exist_ok=True)
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
   results = []
   for i, path in enumerate(paths):
     name = os.path.splitext(os.path.basename(path))[0]
@@ -59,21 +55,18 @@ def explain_files(workdir: str, paths: Sequence[str], out: str, class_index: int
     np.save(os.path.join(out, f"{name}.npy"), m)
     c = int(classes[i])
     label = target.class_names[c] if target.class_names else str(c)
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+    fig = Figure(figsize=(6, 3))
+    axes = fig.subplots(1, 2)
     image = np.asarray(images[i])
     axes[0].imshow(image)
     axes[0].set_title(f"{label} (p {float(probs[i]):.2f})", fontsize=8)
-    lo, hi = np.percentile(m, 1), np.percentile(m, 99)
-    axes[1].imshow(image.mean(-1), cmap="gray")
-    axes[1].imshow(np.clip((m - lo) / max(hi - lo, 1e-12), 0, 1), cmap="jet", alpha=0.5)
+    evaluate.overlay(axes[1], image, m)
     axes[1].set_title("L2R" + (f" + {refine_steps} refinement steps" if refine_steps else ""),
                       fontsize=8)
-    for ax in axes:
-      ax.axis("off")
+    axes[0].axis("off")
     fig.tight_layout()
     png = os.path.join(out, f"{name}.png")
     fig.savefig(png, dpi=100)
-    plt.close(fig)
     results.append({"path": path, "class": c, "class_name": label,
                     "probability": float(probs[i]), "npy": os.path.join(out, f"{name}.npy"),
                     "png": png})

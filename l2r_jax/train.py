@@ -12,6 +12,7 @@ never reach the optimizer, so they cannot change.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -192,7 +193,14 @@ def data_mesh(devices: Any = None) -> Mesh:
 
 def build_target(config: Any, workdir: str, log: Callable[[str], None] = print) -> Any:
   """The frozen target of config.target: its weights file, or (none given and
-  config.target.pretrain_steps > 0) trained on config.data and cached in the workdir."""
+  config.target.pretrain_steps > 0) trained on config.data and cached in the workdir.
+
+  With several processes only process 0 trains (or loads) and caches the pretrained target, and
+  the others receive its variables: the same training is not bit-identical everywhere (XLA's
+  CPU results change with the process's device count, GPU autotuning picks per host), and a
+  different frozen target on each process would silently break the replicated step.
+  """
+  import dataclasses
   import os
 
   from l2r_jax import targets
@@ -203,13 +211,28 @@ def build_target(config: Any, workdir: str, log: Callable[[str], None] = print) 
     target = targets.create(config.target.name, config.target.weights or None)
   else:
     target = targets.create(config.target.name, random_init=True)
-    target = target_training.load_or_train(
-        target, os.path.join(workdir, "target.msgpack"),
-        source_train=_source(config, config.data.train_split),
-        source_test=_source(config, config.data.eval_split),
-        steps=config.target.pretrain_steps, batch_size=config.target.pretrain_batch_size,
-        learning_rate=config.target.pretrain_learning_rate, seed=config.seed, log=log)
+    if jax.process_index() == 0:
+      target = target_training.load_or_train(
+          target, os.path.join(workdir, "target.msgpack"),
+          source_train=source(config, config.data.train_split),
+          source_test=source(config, config.data.eval_split),
+          steps=config.target.pretrain_steps, batch_size=config.target.pretrain_batch_size,
+          learning_rate=config.target.pretrain_learning_rate, seed=config.seed, log=log)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      from orbax.checkpoint import multihost
+      # The others wait for process 0 at a barrier of the coordination service, not in the
+      # broadcast: a CPU collective gives up after 30 s (XLA's xla_cpu_collective_timeout).
+      multihost.get_barrier_sync_fn()(key=f"l2r_jax_target_{next(_BARRIERS)}",
+                                      timeout_ms=PRETRAIN_TIMEOUT_S * 1000)
+      target = dataclasses.replace(
+          target, variables=multihost_utils.broadcast_one_to_all(target.variables))
   return target.with_dtype(DTYPES[config.target.dtype])
+
+
+PRETRAIN_TIMEOUT_S = 24 * 3600  # how long the other processes wait for process 0's pretraining
+# Barrier names must not repeat; every process makes the same calls, so the same numbers.
+_BARRIERS = itertools.count()
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -239,9 +262,13 @@ def preprocessing(config: Any, target: Any) -> Any:
   return data.resize_to(tuple(target.input_size))
 
 
-def _source(config: Any, split: str) -> Any:
+def source(config: Any, split: str) -> Any:
+  """The data source of config.data for `split` (config.data.train_split / eval_split)."""
   from l2r_jax import data
   kwargs = dict(config.data.get("options", {}) or {})
+  if config.data.source == "tfds":
+    kwargs.update(builder=config.data.builder or None, data_dir=config.data.data_dir or None,
+                  manual_dir=config.data.manual_dir or None)
   return data.create(config.data.source, root=config.data.root or None, split=split, **kwargs)
 
 
@@ -283,8 +310,7 @@ def evaluate_heldout(config: Any, params: Any, target: Any, target_variables: An
   from l2r_jax import metrics
   from l2r_jax.data import sources
 
-  source = _source(config, config.data.eval_split)
-  source = sources.subsample(source, config.eval.num_examples)
+  examples = sources.subsample(source(config, config.data.eval_split), config.eval.num_examples)
   protocol = heldout_protocol(config)
   batch_size = config.eval.batch_size or config.batch_size
   sharding = NamedSharding(mesh, P(DATA_AXIS))
@@ -300,14 +326,18 @@ def evaluate_heldout(config: Any, params: Any, target: Any, target_variables: An
                                                classes=classes) for method, m in maps.items()}
 
   scores = metrics.Accumulator()
-  batches = data.make_batches(source, batch_size=batch_size,
+  batches = data.make_batches(examples, batch_size=batch_size,
                               preprocess=preprocessing(config, target), num_epochs=1,
                               drop_remainder=False)
   key = jax.random.key(config.seed + 2)
+  advice = (f"lower the evaluation batch (train.py --config.eval.batch_size="
+            f"{max(batch_size // 2, 1)}); the training checkpoints are kept, rerun to evaluate")
   for i, local in enumerate(batches):
     images, mask = (jax.make_array_from_process_local_data(sharding, local[k])
                     for k in ("image", "mask"))
-    out = aucs(params, target_variables, backbone_variables, images, jax.random.fold_in(key, i))
+    with checks.explain_out_of_memory(advice):
+      out = aucs(params, target_variables, backbone_variables, images,
+                 jax.random.fold_in(key, i))
     for method, values in out.items():
       for k in ("deletion", "insertion"):
         scores.add(f"{method}/{k}", values[k], mask)
@@ -388,7 +418,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
                                        config.warmup_fraction),
                       config.weight_decay, config.clip_norm)
   cfg = step_config(config)
-  source = _source(config, config.data.train_split)
+  examples = source(config, config.data.train_split)
   h, w = target.input_size
   # Replicated on every device from the start, as the step returns it: inputs with the same
   # shardings at every step mean one compilation per grid size.
@@ -410,7 +440,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
     state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
     log(f"resumed from the checkpoint of step {start} in {workdir}")
   augment = data.Augment(size=tuple(target.input_size)) if config.data.augment else None
-  batches = iter(data.make_batches(source, batch_size=config.batch_size,
+  batches = iter(data.make_batches(examples, batch_size=config.batch_size,
                                    preprocess=preprocessing(config, target), augment=augment,
                                    seed=config.seed, shuffle=True, num_epochs=None,
                                    drop_remainder=True, start_batch=start))
@@ -420,35 +450,53 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
   metrics: dict[str, Any] = {}
   end = min(config.total_steps, stop_at or config.total_steps)
   logger = Logger(workdir)
+  done = start  # steps in `state`
   try:
-    with tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
-              disable=jax.process_index() != 0) as bar:
-      for step in range(start, end):
-        grid = int(np.random.default_rng([config.seed, step]).choice(config.grids))
-        if grid not in steps:
-          steps[grid] = make_train_step(mesh, grid=grid, model=model, target=target, tx=tx,
-                                        config=cfg, backbone=backbone)
-        local = next(batches)
-        batch = {k: jax.make_array_from_process_local_data(sharding, local[k])
-                 for k in ("image", "label")}
-        new_state, metrics = steps[grid](state, target_variables, batch, rng, backbone_variables)
-        loss, finite = float(metrics["loss"]), float(metrics["finite"])
-        if not (np.isfinite(loss) and finite == 1.0):
-          manager.wait_until_finished()
-          raise FloatingPointError(
-              f"training diverged at step {step + 1} (loss {loss}, "
-              f"{'finite' if finite == 1.0 else 'non-finite'} params); the last good checkpoint "
-              f"(step {manager.latest_step()}) is kept in {workdir}. Lower "
-              f"config.learning_rate or raise config.objective.smoothing_sigma, then rerun")
-        state = new_state
-        manager.save(step + 1, args=ocp.args.StandardSave(state))
-        bar.update(1)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
-          scalars = {"grid": float(grid), **{k: float(v) for k, v in metrics.items()},
-                     "steps_per_second": bar.format_dict["rate"] or 0.0}
-          logger.write(step + 1, scalars)
-          bar.set_postfix(loss=f"{scalars['loss']:.4f}", deletion=f"{scalars['deletion_auc']:.3f}",
-                          insertion=f"{scalars['insertion_auc']:.3f}")
+    try:
+      with tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
+                disable=jax.process_index() != 0) as bar:
+        for step in range(start, end):
+          grid = int(np.random.default_rng([config.seed, step]).choice(config.grids))
+          if grid not in steps:
+            steps[grid] = make_train_step(mesh, grid=grid, model=model, target=target, tx=tx,
+                                          config=cfg, backbone=backbone)
+          local = next(batches)
+          batch = {k: jax.make_array_from_process_local_data(sharding, local[k])
+                   for k in ("image", "label")}
+          with checks.explain_out_of_memory(
+              f"lower the batch (train.py --config.batch_size={max(config.batch_size // 2, 1)}; "
+              f"it must stay a multiple of the {mesh.size} devices), the finest grid "
+              f"(--config.grids) or the target's precision (--config.target.dtype=bfloat16)"):
+            new_state, metrics = steps[grid](state, target_variables, batch, rng,
+                                             backbone_variables)
+            loss, finite = float(metrics["loss"]), float(metrics["finite"])
+          if not (np.isfinite(loss) and finite == 1.0):
+            manager.wait_until_finished()
+            raise FloatingPointError(
+                f"training diverged at step {step + 1} (loss {loss}, "
+                f"{'finite' if finite == 1.0 else 'non-finite'} params); the last good checkpoint "
+                f"(step {manager.latest_step()}) is kept in {workdir}. Lower "
+                f"--config.learning_rate or raise --config.objective.smoothing_sigma, then "
+                f"rerun")
+          state, done = new_state, step + 1
+          manager.save(step + 1, args=ocp.args.StandardSave(state))
+          bar.update(1)
+          if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
+            scalars = {"grid": float(grid), **{k: float(v) for k, v in metrics.items()},
+                       "steps_per_second": bar.format_dict["rate"] or 0.0}
+            logger.write(step + 1, scalars)
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}",
+                            deletion=f"{scalars['deletion_auc']:.3f}",
+                            insertion=f"{scalars['insertion_auc']:.3f}")
+    except KeyboardInterrupt:
+      # Ctrl-C: keep every finished step. With several processes the save would be a collective
+      # that the others may never join, so there the periodic checkpoints are what is kept.
+      if jax.process_count() == 1 and done > (manager.latest_step() or 0):
+        manager.save(done, args=ocp.args.StandardSave(state), force=True)
+      manager.wait_until_finished()
+      log(f"interrupted after step {done}; the checkpoint of step {manager.latest_step()} is in "
+          f"{workdir}: rerun the same command to resume from it")
+      raise
     manager.wait_until_finished()
     result = {"state": state, "target": target, "model": model,
               **{k: float(v) for k, v in metrics.items()}}

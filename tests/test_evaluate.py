@@ -51,7 +51,7 @@ def test_paper_protocol_matches_the_brute_force_reference(run):
   config, target, model, params, _ = evaluate.load_run(workdir)
   from l2r_jax import data
   from l2r_jax.data import sources
-  source = train._source(config, config.data.eval_split)
+  source = train.source(config, config.data.eval_split)
   source = sources.subsample(source, 12)
   batch = next(iter(data.make_batches(source, batch_size=12, preprocess=target.preprocess)))
   images = jnp.asarray(batch["image"])
@@ -121,3 +121,25 @@ def test_explain_image_files(run, tmp_path):
     explain.explain_files(workdir, [str(tmp_path / "missing.jpg")], str(tmp_path / "out"))
   with pytest.raises(ValueError, match="class_index"):
     explain.explain_files(workdir, paths, str(tmp_path / "out"), class_index=10)
+
+
+def test_a_run_trained_on_8_devices_loads_on_1(run, tmp_path):
+  """The fixture's checkpoint was written by 8 devices; a 1-device process (a pod's run evaluated
+  on one GPU or CPU) restores the same params."""
+  import subprocess
+  import sys
+  workdir, _ = run
+  out = str(tmp_path / "params.npz")
+  code = ("import sys, jax, numpy as np; from l2r_jax import evaluate; "
+          "assert jax.device_count() == 1; p = evaluate.load_run(sys.argv[1])[3]; "
+          "np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(p)])")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  done = subprocess.run([sys.executable, "-c", code, workdir, out], env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  params = evaluate.load_run(workdir)[3]
+  loaded = np.load(out)
+  leaves = jax.tree.leaves(params)
+  assert len(loaded.files) == len(leaves)
+  for i, leaf in enumerate(leaves):
+    np.testing.assert_array_equal(loaded[f"arr_{i}"], np.asarray(leaf))

@@ -36,8 +36,23 @@ def _config(total_steps=4):
   return config
 
 
-def test_smoke_run_writes_its_outputs_and_resumes_exactly(tmp_path):
-  straight = str(tmp_path / "straight")
+@pytest.fixture(scope="module")
+def smoke_target(tmp_path_factory):
+  """The smoke config's pretrained target file, trained once for the tests of this module."""
+  workdir = str(tmp_path_factory.mktemp("target"))
+  train.build_target(_config(), workdir, log=lambda _: None)
+  return os.path.join(workdir, "target.msgpack")
+
+
+def _workdir(tmp_path, smoke_target, name="run"):
+  workdir = tmp_path / name
+  workdir.mkdir()
+  shutil.copy(smoke_target, workdir)
+  return str(workdir)
+
+
+def test_smoke_run_writes_its_outputs_and_resumes_exactly(tmp_path, smoke_target):
+  straight = _workdir(tmp_path, smoke_target, "straight")
   result = train.train_and_evaluate(_config(), straight)
   for name in ("config.json", "metrics.jsonl", "explainer.msgpack", "target.msgpack",
                "checkpoints", "eval.json", "tensorboard"):
@@ -60,9 +75,7 @@ def test_smoke_run_writes_its_outputs_and_resumes_exactly(tmp_path):
                              evaluation["explainer"]["deletion"], rtol=1e-6)
 
   # Interrupted after step 2, then the same command again: the same params as the straight run.
-  resumed = str(tmp_path / "resumed")
-  os.makedirs(resumed)
-  shutil.copy(os.path.join(straight, "target.msgpack"), resumed)  # the same frozen target
+  resumed = _workdir(tmp_path, smoke_target, "resumed")
   train.train_and_evaluate(_config(), resumed, stop_at=2)
   again = train.train_and_evaluate(_config(), resumed)
   for a, b in zip(jax.tree.leaves(result["state"].params), jax.tree.leaves(again["state"].params)):
@@ -70,10 +83,11 @@ def test_smoke_run_writes_its_outputs_and_resumes_exactly(tmp_path):
   assert int(again["state"].step) == 4
 
 
-def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                          smoke_target):
   import orbax.checkpoint as ocp
 
-  workdir = str(tmp_path)
+  workdir = _workdir(tmp_path, smoke_target)
   config = _config(total_steps=6)
   config.checkpoint_every = 1
   train.train_and_evaluate(config, workdir, stop_at=2)
@@ -85,6 +99,69 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     assert manager.all_steps() == [1, 2]
     restored = manager.restore(2, args=ocp.args.StandardRestore())
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
+
+
+def _steps_with(monkeypatch, wrap):
+  """make_train_step returning wrap(real_step, call_number) for every step function."""
+  real = train.make_train_step
+  calls = []
+
+  def make(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def wrapped(*a, **k):
+      calls.append(1)
+      return wrap(step, len(calls), *a, **k)
+    return wrapped
+  monkeypatch.setattr(train, "make_train_step", make)
+
+
+def test_ctrl_c_keeps_every_finished_step_and_the_rerun_resumes(tmp_path, smoke_target,
+                                                                 monkeypatch, capsys):
+  import signal
+
+  import orbax.checkpoint as ocp
+
+  workdir = _workdir(tmp_path, smoke_target)
+  config = _config(total_steps=5)
+  config.checkpoint_every = 100  # no periodic checkpoint before the interruption
+
+  def interrupt_third(step, n, *args):
+    out = step(*args)
+    if n == 3:
+      signal.raise_signal(signal.SIGINT)  # a real Ctrl-C, during step 3
+    return out
+  _steps_with(monkeypatch, interrupt_third)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, workdir)
+  assert "interrupted after step 2; the checkpoint of step 2" in capsys.readouterr().out
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    assert manager.latest_step() == 2
+  monkeypatch.undo()
+  again = train.train_and_evaluate(config, workdir)
+  assert "resumed from the checkpoint of step 2" in capsys.readouterr().out
+  assert int(again["state"].step) == 5 and again["eval"]["n"] == 16
+
+
+def test_out_of_memory_says_which_flag_to_lower_and_keeps_the_checkpoints(tmp_path, smoke_target,
+                                                                          monkeypatch):
+  import orbax.checkpoint as ocp
+
+  workdir = _workdir(tmp_path, smoke_target)
+  config = _config(total_steps=4)
+  config.checkpoint_every = 1
+  train.train_and_evaluate(config, workdir, stop_at=2)
+
+  def out_of_memory(step, n, *args):
+    # What XLA raises on an accelerator (the CPU has no such limit to hit in a test).
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 25.31GiB.\nBufferAssignment")
+  _steps_with(monkeypatch, out_of_memory)
+  with pytest.raises(MemoryError, match=r"allocate 25.31GiB.*--config.batch_size=4; it must stay "
+                     r"a multiple of the 8 devices"):
+    train.train_and_evaluate(config, workdir)
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    assert manager.all_steps() == [1, 2]
 
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")

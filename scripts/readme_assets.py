@@ -1,0 +1,84 @@
+"""Regenerates README.md's picture and results table from a run of README's own commands:
+
+  python train.py --config configs/vit.py --workdir /tmp/l2r_vit
+  python evaluate.py --workdir /tmp/l2r_vit --num_examples 100 --protocols paper,black,blur
+  python scripts/readme_assets.py --workdir /tmp/l2r_vit
+
+copies the run's `examples.png` to docs/examples.png and rewrites the table between the
+`<!-- results:begin -->` and `<!-- results:end -->` lines of README.md from its `results.json`
+(never by hand: tests/test_readme.py runs this on a smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN = "<!-- results:begin"
+END = "<!-- results:end -->"
+LOWER_IS_BETTER = {"deletion": True, "insertion": False}
+
+
+def table(results: dict) -> str:
+  """Markdown: a row per method, deletion / insertion AUC (mean +- s.e.) per protocol, seconds
+  per image; the best mean of each column in bold."""
+  methods = results["methods"]
+  protocols = [p for p in results["protocols"] if results["protocols"][p] != "chefer"]
+  if not protocols:
+    raise ValueError("results.json has no deletion / insertion protocol to tabulate")
+  columns = [(p, k) for p in protocols for k in ("deletion", "insertion")]
+  best = {}
+  for p, k in columns:
+    means = [row[p][k]["mean"] for row in methods.values()]
+    best[p, k] = min(means) if LOWER_IS_BETTER[k] else max(means)
+  n = next(iter(methods.values()))[protocols[0]]["deletion"]["n"]
+  where = (f" Seconds per image on {results['devices']}, jax {results['jax']}, {results['date']}."
+           if "devices" in results else "")
+  lines = [f"Held-out {results['target']} images of split {results['split']!r}, n = {n}; "
+           f"AUC mean +- standard error (deletion: lower is better, insertion: higher).{where}", "",
+           "| method | " + " | ".join(f"{k} ({p})" for p, k in columns) + " | s / image |",
+           "| --- |" + " --- |" * len(columns) + " --- |"]
+  for method, row in methods.items():
+    cells = []
+    for p, k in columns:
+      s = row[p][k]
+      cell = f"{s['mean']:.3f} +- {s['se']:.3f}"
+      cells.append(f"**{cell}**" if s["mean"] == best[p, k] else cell)
+    lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['seconds_per_image']:.4f} |")
+  return "\n".join(lines)
+
+
+def rewrite(readme: str, block: str) -> str:
+  """`readme` with the text between its results markers replaced by `block`."""
+  start, end = readme.find(BEGIN), readme.find(END)
+  if start < 0 or end < start:
+    raise ValueError(f"README has no {BEGIN} ... {END} block to rewrite")
+  start = readme.index("\n", start) + 1
+  return readme[:start] + block + "\n" + readme[end:]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="a run evaluated by evaluate.py")
+  parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+  parser.add_argument("--figure", default=os.path.join(ROOT, "docs", "examples.png"))
+  args = parser.parse_args()
+  for name in ("results.json", "examples.png"):
+    if not os.path.exists(os.path.join(args.workdir, name)):
+      parser.error(f"{args.workdir} has no {name}: run python evaluate.py --workdir "
+                   f"{args.workdir} first")
+  with open(os.path.join(args.workdir, "results.json")) as f:
+    results = json.load(f)
+  os.makedirs(os.path.dirname(os.path.abspath(args.figure)), exist_ok=True)
+  shutil.copy(os.path.join(args.workdir, "examples.png"), args.figure)
+  with open(args.readme) as f:
+    text = rewrite(f.read(), table(results))
+  with open(args.readme, "w") as f:
+    f.write(text)
+  print(f"wrote {args.figure} and the results table of {args.readme}")
+
+
+if __name__ == "__main__":
+  main()

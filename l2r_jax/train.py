@@ -197,10 +197,10 @@ def build_target(config: Any, workdir: str, log: Callable[[str], None] = print) 
 
   With several processes only process 0 trains (or loads) and caches the pretrained target, and
   the others receive its variables: the same training is not bit-identical everywhere (XLA's
-  CPU results change with the process's device count, GPU autotuning picks per host), and a
-  different frozen target on each process would silently break the replicated step.
+  CPU results change with its threading and the process's device count, GPU autotuning picks
+  per host), and the replicated target must be one value (device_put checks it across
+  processes), written to the shared cache by one process.
   """
-  import dataclasses
   import os
 
   from l2r_jax import targets
@@ -222,7 +222,7 @@ def build_target(config: Any, workdir: str, log: Callable[[str], None] = print) 
       from jax.experimental import multihost_utils
       from orbax.checkpoint import multihost
       # The others wait for process 0 at a barrier of the coordination service, not in the
-      # broadcast: a CPU collective gives up after 30 s (XLA's xla_cpu_collective_timeout).
+      # broadcast: a first CPU collective (gloo) gives up when a process is 30 s late.
       multihost.get_barrier_sync_fn()(key=f"l2r_jax_target_{next(_BARRIERS)}",
                                       timeout_ms=PRETRAIN_TIMEOUT_S * 1000)
       target = dataclasses.replace(
@@ -479,7 +479,9 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
                 f"--config.learning_rate or raise --config.objective.smoothing_sigma, then "
                 f"rerun")
           state, done = new_state, step + 1
-          manager.save(step + 1, args=ocp.args.StandardSave(state))
+          # The last step is always kept, whatever config.checkpoint_every: a rerun of a
+          # finished (or stop_at) run must not train its tail again.
+          manager.save(step + 1, args=ocp.args.StandardSave(state), force=step + 1 == end)
           bar.update(1)
           if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
             scalars = {"grid": float(grid), **{k: float(v) for k, v in metrics.items()},

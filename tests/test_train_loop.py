@@ -141,6 +141,8 @@ def test_ctrl_c_keeps_every_finished_step_and_the_rerun_resumes(tmp_path, smoke_
   again = train.train_and_evaluate(config, workdir)
   assert "resumed from the checkpoint of step 2" in capsys.readouterr().out
   assert int(again["state"].step) == 5 and again["eval"]["n"] == 16
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+    assert manager.latest_step() == 5  # the last step is kept, off config.checkpoint_every
 
 
 def test_out_of_memory_says_which_flag_to_lower_and_keeps_the_checkpoints(tmp_path, smoke_target,

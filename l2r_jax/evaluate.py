@@ -190,7 +190,11 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
   refine_config = refine_settings(config, refine_steps, refine_learning_rate, refine_samples)
   baseline_options = baseline_options or baselines.Options()
   mesh = train.data_mesh()
-  sharding = NamedSharding(mesh, P(train.DATA_AXIS))
+  batch_size = batch_size or config.eval.batch_size or config.batch_size
+  # Fewer images per batch than devices (one process): each image's perturbed copies and
+  # refinement samples are spread over the mesh instead of the images (metrics / refine `mesh`).
+  rollout_mesh = mesh if batch_size < mesh.size and jax.process_count() == 1 else None
+  sharding = NamedSharding(mesh, P(train.DATA_AXIS) if rollout_mesh is None else P())
   replicated = NamedSharding(mesh, P())
   target_variables = jax.device_put(target.variables, replicated)
   backbone_variables = None if backbone is None else jax.device_put(backbone.variables,
@@ -201,7 +205,6 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
   source = train.source(config, config.data.eval_split)
   limit = config.eval.num_examples if num_examples is None else num_examples
   source = sources.subsample(source, limit)
-  batch_size = batch_size or config.eval.batch_size or config.batch_size
   batches = data.make_batches(source, batch_size=batch_size,
                               preprocess=train.preprocessing(config, target), num_epochs=1,
                               drop_remainder=False)
@@ -213,7 +216,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
 
   @jax.jit
   def refined_maps(maps, images, classes, key):
-    return refine_lib.refine(apply_fn, images, maps, classes, key, refine_config)[0]
+    return refine_lib.refine(apply_fn, images, maps, classes, key, refine_config,
+                             mesh=rollout_mesh)[0]
 
   def maps_of(method, images, classes, key):
     if method == "l2r":
@@ -232,11 +236,13 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
   for name, protocol in chosen.items():
     if protocol == "chefer":
       scorers[name] = jax.jit(lambda images, maps, classes: metrics.perturbation_test(
-          apply_fn, images, maps, classes, mean_color=tuple(config.mean_color)))
+          apply_fn, images, maps, classes, mean_color=tuple(config.mean_color),
+          mesh=rollout_mesh))
     else:
       scorers[name] = jax.jit(lambda images, maps, classes, protocol=protocol:
                               metrics.deletion_insertion(apply_fn, images, maps,
-                                                         protocol=protocol, classes=classes))
+                                                         protocol=protocol, classes=classes,
+                                                         mesh=rollout_mesh))
   scores = metrics.Accumulator()
   seconds = {m: 0.0 for m in methods}
   timed_images = {m: 0 for m in methods}

@@ -45,7 +45,11 @@ def explain_files(workdir: str, paths: Sequence[str], out: str, class_index: int
                                backbone, None if backbone is None else backbone.variables)
   if refine_steps:
     cfg = evaluate.refine_settings(config, refine_steps)
-    maps, _ = refine_lib.refine(target.apply_fn(), images, maps, classes, jax.random.key(0), cfg)
+    # Fewer images than devices: each image's refinement samples spread over the devices.
+    mesh = (train.data_mesh(jax.local_devices()) if jax.local_device_count() > len(paths)
+            else None)
+    maps, _ = refine_lib.refine(target.apply_fn(), images, maps, classes, jax.random.key(0), cfg,
+                                mesh=mesh)
   os.makedirs(out, exist_ok=True)
   from matplotlib.figure import Figure  # not pyplot: a notebook's backend stays as it is
   results = []

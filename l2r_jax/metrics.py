@@ -10,15 +10,25 @@ important pixels first. Every choice is a `Protocol` field.
 
 Perturbed images are evaluated `chunk_size` fractions at a time (B * 2 * chunk_size images per
 target call), so memory stays bounded for any image size and number of steps.
+
+With a `mesh`, the perturbed copies themselves (K fractions x 2 sweeps per image) are spread over
+its devices: the images and maps are replicated, each device scores its slice of the
+(sweep, fraction) pairs, and the curves are gathered. That is the parallelism for fewer images
+than devices (one image on a pod slice, a small set); with at least as many images as devices,
+splitting the batch (data parallelism) is the cheaper one. The results equal the single-device
+ones.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from l2r_jax import checks
 from l2r_jax import objectives
@@ -92,7 +102,8 @@ def hard_sweep(apply_fn: ApplyFn,
                fractions: Sequence[float] | np.ndarray,
                *,
                unit: int = 1,
-               chunk_size: int = 7) -> Array:
+               chunk_size: int = 7,
+               mesh: Mesh | None = None) -> Array:
   """`readout` of the target along both hard sweeps: f32[B, 2(deletion, insertion), K].
 
   Args:
@@ -101,37 +112,72 @@ def hard_sweep(apply_fn: ApplyFn,
     references: (deletion, insertion) references, each f32[B, H, W, C].
     readout: logits f32[B, classes] of one perturbed batch -> f32[B].
     fractions: K fractions in [0, 1], increasing.
+    mesh: spread the 2 * K perturbed copies of each image over all of the mesh's devices
+      (module docstring); None: the default device.
   """
   _check_inputs(images, maps)
   return _sweep(apply_fn, images, maps, references, readout, fractions, unit=unit,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, mesh=mesh)
 
 
-def _sweep(apply_fn, images, maps, references, readout, fractions, *, unit, chunk_size):
+def rollout_layout(num_items: int, num_devices: int, chunk_size: int) -> tuple[int, int]:
+  """(items per device, items per target call) that spread `num_items` perturbed copies over
+  `num_devices` in the fewest target calls of at most `chunk_size` copies each, the calls as even
+  as possible; items per device is a multiple of items per call, and devices x items per device
+  >= num_items (the rest is padding)."""
+  per_device = -(-num_items // num_devices)
+  calls = -(-per_device // chunk_size)
+  chunk = -(-per_device // calls)
+  return calls * chunk, chunk
+
+
+def _sweep(apply_fn, images, maps, references, readout, fractions, *, unit, chunk_size,
+           mesh=None):
   """`hard_sweep` on inputs already checked (the public entry points check them once)."""
-  b, h, w, c = images.shape
+  b = images.shape[0]
   ranks = _unit_ranks(maps, unit)
   n = ranks[0].shape[1] * ranks[0].shape[2]
   counts = perturb.deletion_counts(fractions, n)
   k = len(counts)
-  chunk = min(checks.static_int(chunk_size, "chunk_size"), k)
-  padded = np.concatenate([counts, np.full(-k % chunk, counts[-1], np.int32)])
+  # Items: (sweep, count) pairs, deletion's K first; a target call holds 2 * chunk_size of them
+  # per image, as many as chunk_size fractions of both sweeps.
+  sweeps = np.repeat(np.arange(2, dtype=np.int32), k)
+  items = np.concatenate([counts, counts])
+  devices = 1 if mesh is None else mesh.size
+  per_device, chunk = rollout_layout(2 * k, devices,
+                                     2 * checks.static_int(chunk_size, "chunk_size"))
+  pad = devices * per_device - 2 * k  # padding items: full deletion, read and dropped
+  sweeps = jnp.asarray(np.concatenate([sweeps, np.zeros(pad, np.int32)]))
+  items = jnp.asarray(np.concatenate([items, np.full(pad, counts[-1], np.int32)]))
+  rollouts = functools.partial(_rollouts, apply_fn, readout, unit=unit, chunk=chunk)
+  if mesh is not None:
+    axes = tuple(mesh.axis_names)  # spread over every axis of the mesh
+    rollouts = jax.shard_map(rollouts, mesh=mesh,
+                             in_specs=(P(), P(), P(), P(axes), P(axes)), out_specs=P(None, axes))
+  out = rollouts(images, ranks, references, sweeps, items)  # [B, devices * per_device]
+  return out[:, :2 * k].reshape(b, 2, k)
 
-  def one_chunk(chunk_counts):  # i32[chunk] -> f32[2, chunk, B]
-    batch = []
-    for sweep_ranks, ref in zip(ranks, references):
-      masks = jax.vmap(lambda n_del: perturb.hard_mask_from_ranks(sweep_ranks, n_del, unit))(
-          chunk_counts)  # [chunk, B, H, W]
-      batch.append(images[None] + masks[..., None] * (ref - images)[None])
-    x = jnp.stack(batch).reshape(2 * chunk * b, h, w, c)
-    logits = apply_fn(x)
+
+def _rollouts(apply_fn, readout, images, ranks, references, sweeps, counts, *, unit, chunk):
+  """`readout` of the target on perturbed copies of the images: copy i deletes the counts[i]
+  top-ranked units of sweep sweeps[i] (0: deletion ranks and reference, 1: insertion), `chunk`
+  copies of every image per target call: f32[B, M] for i32[M] sweeps and counts, M a multiple of
+  `chunk`."""
+  b, h, w, c = images.shape
+  ranks = jnp.stack(ranks)  # [2, B, h, w]
+  references = jnp.stack(references)  # [2, B, H, W, C]
+
+  def one_chunk(chunk_items):  # (i32[chunk], i32[chunk]) -> f32[chunk, B]
+    chunk_sweeps, chunk_counts = chunk_items
+    masks = jax.vmap(lambda s, n_del: perturb.hard_mask_from_ranks(ranks[s], n_del, unit))(
+        chunk_sweeps, chunk_counts)  # [chunk, B, H, W]
+    x = images[None] + masks[..., None] * (references[chunk_sweeps] - images[None])
+    logits = apply_fn(x.reshape(chunk * b, h, w, c))
     checks.rank(logits, 2, "apply_fn(images)", "f32[M, classes]")
-    per_image = jax.vmap(readout)(logits.reshape(2 * chunk, b, -1))  # [2 * chunk, B]
-    return per_image.reshape(2, chunk, b)
+    return jax.vmap(readout)(logits.reshape(chunk, b, -1))
 
-  out = jax.lax.map(one_chunk, jnp.asarray(padded).reshape(-1, chunk))  # [chunks, 2, chunk, B]
-  out = out.transpose(1, 0, 2, 3).reshape(2, -1, b)[:, :k]
-  return out.transpose(2, 0, 1)
+  out = jax.lax.map(one_chunk, (sweeps.reshape(-1, chunk), counts.reshape(-1, chunk)))
+  return out.reshape(-1, b).T
 
 
 def class_scores_readout(classes: Array, score: str = "prob") -> Callable[[Array], Array]:
@@ -163,7 +209,8 @@ def deletion_insertion(apply_fn: ApplyFn,
                        maps: Array,
                        labels: Array | None = None,
                        protocol: Protocol = Protocol(),
-                       classes: Array | None = None) -> dict[str, Array]:
+                       classes: Array | None = None,
+                       mesh: Mesh | None = None) -> dict[str, Array]:
   """Deletion and insertion AUC of attribution maps under a protocol.
 
   Args:
@@ -173,6 +220,8 @@ def deletion_insertion(apply_fn: ApplyFn,
     labels: i32[B] ground-truth labels; needed when protocol.class_source == 'label'.
     protocol: the protocol (default: the paper's).
     classes: i32[B] to override the protocol's class choice.
+    mesh: spread the perturbed copies of each image over all of the mesh's devices (module
+      docstring; for fewer images than devices); None: the default device.
   Returns:
     'deletion', 'insertion': f32[B] AUCs; 'deletion_curve', 'insertion_curve': f32[B, K];
     'classes': i32[B].
@@ -183,8 +232,8 @@ def deletion_insertion(apply_fn: ApplyFn,
     classes = evaluation_classes(apply_fn, images, labels, protocol.class_source)
   checks.shape(classes, (images.shape[0],), "classes", f"i32[{images.shape[0]}]")
   curves = _sweep(apply_fn, images, maps, protocol.references(images),
-                      class_scores_readout(classes, protocol.score), protocol.fractions,
-                      unit=protocol.unit, chunk_size=protocol.chunk_size)
+                  class_scores_readout(classes, protocol.score), protocol.fractions,
+                  unit=protocol.unit, chunk_size=protocol.chunk_size, mesh=mesh)
   auc = objectives.trapezoid_auc(curves, protocol.fractions)
   return {"deletion": auc[:, 0], "insertion": auc[:, 1], "deletion_curve": curves[:, 0],
           "insertion_curve": curves[:, 1], "classes": classes}
@@ -203,7 +252,8 @@ def perturbation_test(apply_fn: ApplyFn,
                       reference: str = "mean",
                       mean_color: Sequence[float] = perturb.IMAGENET_MEAN,
                       unit: int = 1,
-                      chunk_size: int = 5) -> dict[str, Array]:
+                      chunk_size: int = 5,
+                      mesh: Mesh | None = None) -> dict[str, Array]:
   """Positive / negative perturbation test (Chefer et al. 2021), AUC of top-1 accuracy x 100.
 
   POS removes the most relevant pixels first (lower is better), NEG the least relevant first
@@ -211,6 +261,7 @@ def perturbation_test(apply_fn: ApplyFn,
   target's normalised space for an ImageNet-normalised target). Accuracy is top-1 agreement with
   `labels` (ground truth, or the clean predictions for the "original prediction" variant). The
   AUC is the trapezoid over the fractions, so the mean over images is the AUC of the mean curve.
+  `mesh` spreads the perturbed copies over its devices, as in `deletion_insertion`.
 
   Returns 'pos', 'neg': f32[B] per-image AUC x 100; 'pos_curve', 'neg_curve': f32[B, K] hits.
   """
@@ -219,7 +270,7 @@ def perturbation_test(apply_fn: ApplyFn,
   checks.integer(labels, "labels")
   ref = perturb.reference_images(images, reference, mean_color=mean_color)
   curves = _sweep(apply_fn, images, maps, (ref, ref), top1_hit_readout(labels), fractions,
-                      unit=unit, chunk_size=chunk_size)
+                  unit=unit, chunk_size=chunk_size, mesh=mesh)
   auc = 100.0 * objectives.trapezoid_auc(curves, fractions)
   return {"pos": auc[:, 0], "neg": auc[:, 1], "pos_curve": curves[:, 0],
           "neg_curve": curves[:, 1]}

@@ -11,15 +11,26 @@ The starting map is standardised per image ((h - mean) / std, which keeps its ra
 of any scale (gradients ~1e-3, logits ~10) start from the same place; the cell scores are then
 min-max normalised onto the sorter's anchors (ObjectiveConfig.normalize_scores) so the
 refinement does not depend on the map's scale either.
+
+With a `mesh`, the samples of each step are spread over its devices (`shard_map`): the images and
+the map are replicated, each device runs its share of the samples' soft sweeps and their
+backward pass, and the losses and gradients are summed over the devices (psum), so every device
+takes the same Adam step and 1 or 8 devices refine to the same map. That is the parallelism for
+fewer images than devices (one image on a pod slice); it is worth it while num_samples is at
+least about the device count, since a device holds whole samples.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from l2r_jax import checks
 from l2r_jax import objectives
@@ -67,23 +78,118 @@ def _samples(config: RefineConfig) -> list[tuple[int, str]]:
           for i in range(config.num_samples)]
 
 
+def _references(images: Array, config: RefineConfig) -> dict[str, Array]:
+  """The reference images f32[B, H, W, C] of each reference the samples use."""
+  kw = dict(mean_color=config.mean_color, blur_size=config.blur_size,
+            blur_sigma=config.blur_sigma)
+  return {r: perturb.reference_images(images, r, **kw) for r in sorted(set(config.references))}
+
+
+def _sample_loss(apply_fn: ApplyFn, images: Array, maps: Array, references: Array,
+                 classes: Array, key: Array, grid: int, config: RefineConfig) -> Array:
+  """AUC_del + (1 - AUC_ins) of one sample (one key, grid and reference per image): f32[B]."""
+  curves = objectives.soft_curves(apply_fn, images, maps, references, classes[:, None],
+                                  key=jax.random.split(key, images.shape[0]), grid=grid,
+                                  tau=config.tau, config=config.objective)
+  auc = objectives.trapezoid_auc(curves, config.objective.fractions)[:, :, 0]  # [B, 2]
+  return auc[:, 0] + 1.0 - auc[:, 1]
+
+
+def _peak_loss(maps: Array, config: RefineConfig) -> Array:
+  """peak_weight x the peak penalty of each map: f32[B]."""
+  peak = jax.vmap(lambda m: objectives.peak_penalty(m[None], config.objective.peak_window))(maps)
+  return config.objective.peak_weight * peak
+
+
 def objective(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key: Array,
               config: RefineConfig = RefineConfig()) -> Array:
   """The refinement loss of each image, f32[B]: the mean over the samples of
   AUC_del + (1 - AUC_ins) of `classes` i32[B], plus the peak penalty of its map."""
-  kw = dict(mean_color=config.mean_color, blur_size=config.blur_size,
-            blur_sigma=config.blur_sigma)
-  refs = {r: perturb.reference_images(images, r, **kw) for r in set(config.references)}
+  refs = _references(images, config)
   keys = jax.random.split(key, config.num_samples)
   total = jnp.zeros(images.shape[0], jnp.float32)
   for (grid, ref), k in zip(_samples(config), keys):
-    curves = objectives.soft_curves(apply_fn, images, maps, refs[ref], classes[:, None],
-                                    key=jax.random.split(k, images.shape[0]), grid=grid,
-                                    tau=config.tau, config=config.objective)
-    auc = objectives.trapezoid_auc(curves, config.objective.fractions)[:, :, 0]  # [B, 2]
-    total = total + auc[:, 0] + 1.0 - auc[:, 1]
-  peak = jax.vmap(lambda m: objectives.peak_penalty(m[None], config.objective.peak_window))(maps)
-  return total / config.num_samples + config.objective.peak_weight * peak
+    total = total + _sample_loss(apply_fn, images, maps, refs[ref], classes, k, grid, config)
+  return total / config.num_samples + _peak_loss(maps, config)
+
+
+def _value_and_grad(apply_fn: ApplyFn, images: Array, classes: Array, config: RefineConfig
+                    ) -> Callable[[Array, Array], tuple[Array, Array]]:
+  """(maps, key) -> (`objective` f32[B], its gradient w.r.t. each image's map f32[B, H, W])."""
+
+  def value_and_grad(maps, key):
+    per_image, vjp = jax.vjp(lambda m: objective(apply_fn, images, m, classes, key, config),
+                             maps)
+    (grads,) = vjp(jnp.ones_like(per_image))
+    return per_image, grads
+
+  return value_and_grad
+
+
+def sample_layout(num_samples: int, num_devices: int) -> np.ndarray:
+  """i32[devices, per_device]: the sample each device runs in each of its slots, -1 for
+  padding; whole samples in row-major order, ceil(num_samples / devices) slots per device."""
+  per_device = -(-num_samples // num_devices)
+  slots = np.arange(num_devices * per_device, dtype=np.int32)
+  return np.where(slots < num_samples, slots, -1).reshape(num_devices, per_device)
+
+
+def _sharded_value_and_grad(apply_fn: ApplyFn, images: Array, classes: Array,
+                            config: RefineConfig, mesh: Mesh
+                            ) -> Callable[[Array, Array], tuple[Array, Array]]:
+  """`_value_and_grad` with the samples spread over all of the mesh's devices (module
+  docstring); the same values up to the order of the sums."""
+  samples = _samples(config)
+  grids = sorted({g for g, _ in samples})
+  refs = _references(images, config)
+  names = list(refs)
+  layout = sample_layout(config.num_samples, mesh.size)
+  valid = layout >= 0
+  sample = np.where(valid, layout, 0).astype(np.int32)
+  # Per slot: the grid's branch (the last branch, zeros, for padding) and the reference's index.
+  branch = np.where(valid, np.asarray([grids.index(g) for g, _ in samples])[sample],
+                    len(grids)).astype(np.int32)
+  ref_index = np.asarray([names.index(r) for _, r in samples], np.int32)[sample]
+  axes = tuple(mesh.axis_names)  # spread over every axis of the mesh
+
+  def per_device(images, refs, classes, maps, key, sample, branch, ref_index):
+    # The map as a per-device value: differentiated here, a replicated input would get its
+    # cotangent summed over devices inside each branch (a collective that the devices running
+    # another branch never join); the sum over devices is the explicit psum below.
+    maps = jax.lax.pcast(maps, axes, to="varying")
+
+    def sample_value_and_grad(m, ref, key, grid):  # one sample: (f32[B], f32[B, H, W])
+      loss, vjp = jax.vjp(
+          lambda m: _sample_loss(apply_fn, images, m, ref, classes, key, grid, config), m)
+      (grads,) = vjp(jnp.ones_like(loss))
+      return loss, grads
+
+    def padding(m, ref, key):
+      return jnp.zeros_like(m[:, 0, 0]), jnp.zeros_like(m)
+
+    # Each branch differentiates its own sample: the switch itself is never differentiated.
+    branches = [functools.partial(sample_value_and_grad, grid=g) for g in grids] + [padding]
+    keys = jax.random.split(key, config.num_samples)
+    loss, grads = padding(maps, None, None)
+    for slot in range(sample.shape[-1]):
+      i, r = sample[0, slot], ref_index[0, slot]
+      slot_loss, slot_grads = jax.lax.switch(branch[0, slot], branches, maps, refs[r], keys[i])
+      loss, grads = loss + slot_loss, grads + slot_grads
+    return (jax.lax.psum(loss, axes) / config.num_samples,
+            jax.lax.psum(grads, axes) / config.num_samples)
+
+  sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(),) * 5 + (P(axes),) * 3,
+                          out_specs=(P(), P()))
+  stacked = jnp.stack([refs[n] for n in names])  # [R, B, H, W, C]
+
+  def value_and_grad(maps, key):
+    loss, grads = sharded(images, stacked, classes, maps, key, jnp.asarray(sample),
+                          jnp.asarray(branch), jnp.asarray(ref_index))
+    peak, vjp = jax.vjp(lambda m: _peak_loss(m, config), maps)
+    (peak_grads,) = vjp(jnp.ones_like(peak))
+    return loss + peak, grads + peak_grads
+
+  return value_and_grad
 
 
 def standardize(maps: Array) -> Array:
@@ -94,7 +200,8 @@ def standardize(maps: Array) -> Array:
 
 
 def refine(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key: Array,
-           config: RefineConfig = RefineConfig()) -> tuple[Array, Array]:
+           config: RefineConfig = RefineConfig(), mesh: Mesh | None = None
+           ) -> tuple[Array, Array]:
   """Refined maps f32[B, H, W] and the loss per step f32[steps, B].
 
   Every image is refined on its own loss (the images only share the target calls). Jittable;
@@ -106,6 +213,8 @@ def refine(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key: A
     maps: f32[B, H, W] starting maps, finite (larger = more important).
     classes: i32[B] the explained class of each image.
     key: a PRNG key (Gumbel noise).
+    mesh: spread each step's samples over all of the mesh's devices (module docstring; for
+      fewer images than devices); None: the default device.
   """
   checks.rank(images, 4, "images", "f32[B, H, W, 3]")
   b, h, w, _ = images.shape
@@ -118,12 +227,12 @@ def refine(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key: A
     return maps, jnp.zeros((0, b), jnp.float32)
   tx = optax.adam(config.learning_rate)
   start = standardize(maps.astype(jnp.float32))
+  value_and_grad = (_value_and_grad(apply_fn, images, classes, config) if mesh is None else
+                    _sharded_value_and_grad(apply_fn, images, classes, config, mesh))
 
   def step(carry, step_key):
     m, opt_state = carry
-    per_image, vjp = jax.vjp(lambda m: objective(apply_fn, images, m, classes, step_key, config),
-                             m)
-    (grads,) = vjp(jnp.ones_like(per_image))
+    per_image, grads = value_and_grad(m, step_key)
     updates, opt_state = tx.update(grads, opt_state, m)
     return (optax.apply_updates(m, updates), opt_state), per_image
 

@@ -17,8 +17,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -27,16 +25,8 @@ from l2r_jax import metrics
 from l2r_jax import objectives
 from l2r_jax import perturb
 from l2r_jax import sorting
+from timing import median_seconds  # bench/timing.py (scripts run as bench/*.py)
 
-
-def median_seconds(fn, args, repeats):
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def naive_soft_sort(scores, num_iters, tau=0.3):
@@ -80,7 +70,8 @@ def bench_sorter(batch, sizes, repeats):
     for it in (10, 30):
       row[f"ours_mib_{it}"] = temp_mib(sorter_grad(ours, n, it), s, key)
       row[f"naive_mib_{it}"] = temp_mib(sorter_grad(naive, n, it), s, key)
-    row["ms"] = 1e3 * median_seconds(sorter_grad(ours, n, 30), (s, key), repeats)
+    timed = sorter_grad(ours, n, 30)
+    row["ms"] = 1e3 * median_seconds(lambda: timed(s, key), repeats)
     rows.append(row)
     print(row, flush=True)
   return rows
@@ -109,11 +100,11 @@ def bench_objective(batch, grids, repeats):
       return objectives.loss_fn(apply, images, m, refs, classes, key=key, grid=g, tau=0.5)[0]
 
     f = jax.jit(jax.value_and_grad(loss))
-    ms = 1e3 * median_seconds(f, (maps, jax.random.key(3)), repeats)
+    ms = 1e3 * median_seconds(lambda: f(maps, jax.random.key(3)), repeats)
     rows.append({"grid": g, "ms": ms, "images_per_s": batch / ms * 1e3})
     print(rows[-1], flush=True)
   evaluate = jax.jit(lambda x, m: metrics.deletion_insertion(apply, x, m)["deletion"])
-  ms = 1e3 * median_seconds(evaluate, (images, maps), repeats)
+  ms = 1e3 * median_seconds(lambda: evaluate(images, maps), repeats)
   rows.append({"grid": "hard metric, 21 steps", "ms": ms, "images_per_s": batch / ms * 1e3})
   print(rows[-1], flush=True)
   return rows

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,19 +30,11 @@ from l2r_jax import explainer as explainer_lib
 from l2r_jax import metrics
 from l2r_jax import refine as refine_lib
 from l2r_jax import targets
+from timing import median_seconds  # bench/timing.py (scripts run as bench/*.py)
 
 METHODS = ("l2r", "l2r_refined", "gradcam", "gradient", "integrated_gradients", "smoothgrad",
            "rise")
 
-
-def median_seconds(fn, repeats):
-  jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def evaluation(target, images, maps, repeats):

@@ -33,9 +33,7 @@ import argparse
 import datetime
 import importlib
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -47,21 +45,13 @@ from l2r_jax import metrics
 from l2r_jax import refine
 from l2r_jax import targets
 from l2r_jax import train
+from timing import median_seconds  # bench/timing.py (scripts run as bench/*.py)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the root
 
 
 TASKS = ("evaluation", "refinement")
 
-
-def median_seconds(fn, repeats):
-  jax.block_until_ready(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def measure(name: str, num_images: int, mesh, refine_steps: int, repeats: int,

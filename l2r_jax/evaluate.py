@@ -19,6 +19,7 @@ negative perturbation, top-1 accuracy AUC x 100 against the clean prediction).
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import os
 import time
@@ -266,11 +267,13 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
           raise ValueError("protocol 'paper_label' needs a label for every image; this source "
                            "has unlabeled images: drop 'paper_label' from --protocols")
         class_sets["label"] = jnp.where(mask, labels, predicted)
-      picks = (None if len(figure["_images"]) >= num_figure_examples else
-               _figure_picks(figure, _gather(labels), _gather(mask), num_figure_examples))
-      if picks is not None:
-        figure["_images"].extend(np.asarray(_gather(images))[picks])
-        figure["_labels"].extend(np.asarray(_gather(labels))[picks])
+      picks = None
+      if len(figure["_images"]) < num_figure_examples:
+        all_labels = _gather(labels)
+        picks = _figure_picks(figure, all_labels, _gather(mask), num_figure_examples)
+        if picks is not None:
+          figure["_images"].extend(_gather(images)[picks])
+          figure["_labels"].extend(all_labels[picks])
       for method in methods:
         for class_source, classes in class_sets.items():
           k = jax.random.fold_in(jax.random.fold_in(key, i), methods.index(method))
@@ -298,7 +301,6 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
                 scores.add_curve(f"{method}/{k2}", out[f"{k2}_curve"], mask)
       bar.update(int(np.sum(local["mask"])) * jax.process_count())
 
-  import datetime
   results: dict[str, Any] = {
       "workdir": workdir, "split": config.data.eval_split, "target": config.target.name,
       # Where the seconds per image were measured.

@@ -38,6 +38,9 @@ def base() -> ml_collections.ConfigDict:
   c.eval.num_examples = 0  # a fixed sample of config.data.eval_split (sources.subsample); 0: all
   c.eval.batch_size = 0  # 0: config.batch_size
   c.eval.reference = "mean"  # the paper's protocol: mean colour, 21 points, predicted class
+  # The evaluate.py protocol whose replacement training never sees (not in c.references): the
+  # ranking must hold beyond the references it was trained on. test_configs checks it.
+  c.eval.unseen_protocol = "noise"
 
   c.explainer = ml_collections.ConfigDict()
   c.explainer.width = 64

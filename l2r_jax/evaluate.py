@@ -11,7 +11,9 @@ them under every protocol, and writes to the workdir:
   method's map.
 
 Protocols (METHOD.md): 'paper' (pixels, 21 points, mean reference, softmax, predicted class),
-'paper_label' (the same, ground-truth class), 'black' and 'blur' references, 'patch' (ranking
+'paper_label' (the same, ground-truth class), 'black' and 'blur' references, 'noise' (a fixed
+field of uniform noise: a replacement the paper's training never uses, config.eval.
+unseen_protocol), 'patch' (ranking
 units of the ViT's patch size), 'rise' (deletion to the target's normalisation mean, i.e. zero in
 its input space; insertion from a blur; one image row per step), and 'chefer' (positive /
 negative perturbation, top-1 accuracy AUC x 100 against the clean prediction).
@@ -36,11 +38,11 @@ from l2r_jax import metrics
 from l2r_jax import refine as refine_lib
 
 Array = jax.Array
-PROTOCOLS = ("paper", "paper_label", "black", "blur", "patch", "rise", "chefer")
+PROTOCOLS = ("paper", "paper_label", "black", "blur", "noise", "patch", "rise", "chefer")
 L2R_METHODS = ("l2r", "l2r_refined")
 DEFAULT_METHODS = ("l2r", "l2r_refined", "random", "gradient", "gradient_x_input",
                    "integrated_gradients", "smoothgrad", "gradcam", "rollout", "rise")
-DEFAULT_PROTOCOLS = ("paper", "paper_label", "black", "blur", "chefer")
+DEFAULT_PROTOCOLS = ("paper", "paper_label", "black", "blur", "noise", "chefer")
 # Scores where lower is better, for the table's arrows.
 LOWER_IS_BETTER = {"deletion": True, "insertion": False, "pos": True, "neg": False}
 
@@ -64,7 +66,7 @@ def protocols(config: Any, target: Any, names: Sequence[str]) -> dict[str, Any]:
       out[name] = base
     elif name == "paper_label":
       out[name] = dataclasses.replace(base, class_source="label")
-    elif name in ("black", "blur"):
+    elif name in ("black", "blur", "noise"):
       out[name] = dataclasses.replace(base, reference=name)
     elif name == "patch":
       if patch is None:

@@ -44,7 +44,7 @@ class Protocol:
   """A deletion / insertion protocol; the defaults are the paper's."""
   num_steps: int = 21  # fractions linspace(0, 1, num_steps); 21 = 5% steps
   unit: int = 1  # side of the square ranking unit in pixels; 1 = pixels, 16 = ViT-B/16 patches
-  reference: str = "mean"  # 'mean', 'black' or 'blur' (perturb.REFERENCES)
+  reference: str = "mean"  # 'mean', 'black', 'blur' or 'noise' (perturb.REFERENCES)
   insertion_reference: str | None = None  # None: as `reference`; RISE inserts from 'blur'
   mean_color: tuple[float, ...] = perturb.IMAGENET_MEAN
   blur_size: int = 37

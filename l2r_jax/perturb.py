@@ -20,7 +20,12 @@ Array = jax.Array
 
 # ImageNet mean colour in [0, 1] pixel space (METHOD.md, item 6).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
-REFERENCES = ("black", "mean", "blur")
+# The references a deleted pixel can be replaced by; the paper trains and evaluates with the
+# first three. 'noise' is a fixed field of uniform noise, for evaluating under a replacement
+# that training never saw (configs' eval.unseen_protocol).
+REFERENCES = ("black", "mean", "blur", "noise")
+PAPER_REFERENCES = ("black", "mean", "blur")
+NOISE_SEED = 0
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -169,8 +174,9 @@ def reference_images(images: Array,
   Args:
     images: f32[B, H, W, C] in [0, 1].
     reference: 'black' (zeros), 'mean' (`mean_color` everywhere), 'blur' (Gaussian blur of each
-      image, kernel `blur_size`, sigma `blur_sigma`, reflect padding: METHOD.md's 37 / 37), or a
-      user array broadcastable to images' shape (f32[C], f32[H, W, C] or f32[B, H, W, C]).
+      image, kernel `blur_size`, sigma `blur_sigma`, reflect padding: METHOD.md's 37 / 37),
+      'noise' (one fixed field u ~ U[0, 1) per pixel and channel, drawn from NOISE_SEED, the same
+      for every image of that size whatever the batch or device count), or a user array broadcastable to images' shape (f32[C], f32[H, W, C] or f32[B, H, W, C]).
   """
   checks.rank(images, 4, "images", "f32[B, H, W, C]")
   if isinstance(reference, str):
@@ -183,6 +189,9 @@ def reference_images(images: Array,
       # zeros_like + color, not broadcast_to: the result must vary over devices like the images
       # under shard_map (all references of a lax.switch need the same type).
       return jnp.zeros_like(images) + color
+    if reference == "noise":
+      field = jax.random.uniform(jax.random.key(NOISE_SEED), images.shape[1:], images.dtype)
+      return jnp.zeros_like(images) + field
     return gaussian_blur(images, blur_sigma, blur_size, axes=(-3, -2))
   checks.floating(reference, "reference")
   try:

@@ -48,7 +48,7 @@ class RefineConfig:
   num_samples: int = 6  # soft sweeps per step and image (split over grids and references)
   grids: tuple[int, ...] = (7, 14)
   tau: float = 0.3  # the end of the training schedule
-  references: tuple[str, ...] = perturb.REFERENCES
+  references: tuple[str, ...] = perturb.PAPER_REFERENCES
   mean_color: tuple[float, ...] = perturb.IMAGENET_MEAN
   blur_size: int = 37
   blur_sigma: float = 37.0

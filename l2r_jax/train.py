@@ -36,7 +36,7 @@ DATA_AXIS = "data"
 class StepConfig:
   """What a training step needs besides params and data; defaults are the paper's."""
   objective: objectives.ObjectiveConfig = objectives.ObjectiveConfig()
-  references: tuple[str, ...] = perturb.REFERENCES  # one drawn uniformly per step
+  references: tuple[str, ...] = perturb.PAPER_REFERENCES  # one drawn uniformly per step
   mean_color: tuple[float, ...] = perturb.IMAGENET_MEAN
   blur_size: int = 37
   blur_sigma: float = 37.0

@@ -1,11 +1,12 @@
 """Every config file and variant builds, names real fields, and rejects what it does not know."""
 import subprocess
 import sys
+import types
 
 import pytest
 
 from configs import efficientnet, resnet, vit
-from l2r_jax import data, targets, train
+from l2r_jax import data, evaluate, targets, train
 
 VARIANTS = [(vit, "mnist"), (vit, "smoke"), (vit, "imagenet"), (resnet, "cifar10"),
             (resnet, "cifar10_smoke"), (resnet, "imagenet"), (resnet, "smoke"),
@@ -22,6 +23,11 @@ def test_variants_name_real_things(module, variant):
   cfg = train.step_config(c)  # validates references, blur and objective fields
   assert cfg.total_steps == c.total_steps
   assert train.heldout_protocol(c).num_steps == 21  # the paper's protocol
+  # The unseen protocol's replacement is one that training never draws.
+  stand_in = types.SimpleNamespace(model=object(), input_size=(32, 32))
+  unseen = evaluate.protocols(c, stand_in, [c.eval.unseen_protocol])[c.eval.unseen_protocol]
+  assert unseen.reference not in c.references
+  assert (unseen.insertion_reference or unseen.reference) not in c.references
   if variant.endswith("smoke"):
     assert c.total_steps <= 10 and c.batch_size == 8
 

@@ -341,3 +341,46 @@ def test_subsample_is_fixed_and_spread_over_a_class_sorted_source():
   assert np.all(np.diff(sample.indices) > 0)
   np.testing.assert_array_equal(sample.indices, sources.subsample(test, 50).indices)
   assert sources.subsample(test, 0) is test and sources.subsample(test, 5000) is test
+
+
+# The configs' held-out splits on the real data: no evaluation image is in training (checked by
+# content, not only by index), and on imagenet_samples no evaluation class either.
+_CONFIG_DATA = (("configs/vit.py", None, ""),
+                ("configs/resnet.py", "cifar10", "cifar10_test_8k.npz"),
+                ("configs/efficientnet.py", None, "imagenet_samples"))
+
+
+@pytest.mark.parametrize("path,arg,root", _CONFIG_DATA)
+def test_config_splits_are_disjoint_by_content(path, arg, root):
+  import hashlib
+  import importlib.util
+
+  from l2r_jax import train
+  if root and not (SHARED / root).exists():
+    pytest.skip("no ../shared data")
+  spec = importlib.util.spec_from_file_location("cfg", Path(__file__).parents[1] / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  if root:
+    config.data.root = str(SHARED / root)
+
+  def content(image):  # a file's bytes (folders hold paths) or the decoded array's
+    if isinstance(image, (str, Path)):
+      return Path(image).read_bytes()
+    return np.ascontiguousarray(image).tobytes()
+
+  def digests(split):
+    src = train.source(config, split)
+    return ([hashlib.sha1(content(src[i]["image"])).hexdigest() for i in range(len(src))],
+            np.asarray(src.labels))
+
+  train_hashes, train_labels = digests(config.data.train_split)
+  eval_hashes, eval_labels = digests(config.data.eval_split)
+  assert len(train_hashes) > 0 and len(eval_hashes) > 0
+  assert not set(train_hashes) & set(eval_hashes)
+  if root == "imagenet_samples":
+    assert (len(train_hashes), len(eval_hashes)) == (640, 160)
+    assert not set(train_labels.tolist()) & set(eval_labels.tolist())
+  # Fixed: the same split on a second reading.
+  assert digests(config.data.eval_split)[0] == eval_hashes

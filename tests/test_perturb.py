@@ -100,6 +100,12 @@ def test_references():
   blur = perturb.reference_images(images, "blur")
   np.testing.assert_allclose(blur[1], reference.gaussian_blur(np.asarray(images[1]), 37, 37.0),
                              atol=1e-5)
+  # 'noise': one fixed uniform field, the same for each image and any batch size.
+  noise = np.asarray(perturb.reference_images(images, "noise"))
+  np.testing.assert_array_equal(noise[0], noise[1])
+  np.testing.assert_array_equal(perturb.reference_images(images[:1], "noise")[0], noise[0])
+  assert 0 <= noise.min() and noise.max() < 1 and abs(noise.mean() - 0.5) < 0.02
+  assert abs(np.corrcoef(noise[0, :, :, 0].ravel(), noise[0, :, :, 1].ravel())[0, 1]) < 0.1
   user = perturb.reference_images(images, jnp.full((40, 40, 3), 0.25))
   np.testing.assert_array_equal(user, 0.25)
   with pytest.raises(ValueError, match="reference must be one of"):

@@ -14,13 +14,14 @@ from absl import logging
 flags.DEFINE_string("workdir", None, "a training workdir (train.py --workdir)")
 flags.DEFINE_list("methods", None, "methods to compare (default: all that apply)")
 flags.DEFINE_list("protocols", None, "protocols (default: paper, paper_label, black, blur, "
-                  "chefer; also patch, rise)")
+                  "noise, chefer; also patch, rise)")
 flags.DEFINE_integer("num_examples", None, "held-out images (default: config.eval.num_examples)")
 flags.DEFINE_integer("batch_size", None, "global batch (default: the run's)")
 flags.DEFINE_integer("refine_steps", 10, "test-time refinement steps of 'l2r_refined'")
 flags.DEFINE_float("refine_learning_rate", 0.1, "its Adam learning rate")
 flags.DEFINE_integer("ig_steps", 50, "Integrated Gradients steps")
 flags.DEFINE_integer("rise_masks", 4000, "RISE masks")
+flags.DEFINE_integer("rise_grid", 7, "RISE grid side (7 at 224 px; 4 for CIFAR's 32 px)")
 flags.DEFINE_multi_string("set", [], "override a config field of the run: --set key=value")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
@@ -46,7 +47,8 @@ def main(argv):
       protocol_names=FLAGS.protocols or evaluate.DEFAULT_PROTOCOLS,
       num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
       refine_steps=FLAGS.refine_steps, refine_learning_rate=FLAGS.refine_learning_rate,
-      baseline_options=baselines.Options(ig_steps=FLAGS.ig_steps, rise_masks=FLAGS.rise_masks),
+      baseline_options=baselines.Options(ig_steps=FLAGS.ig_steps, rise_masks=FLAGS.rise_masks,
+                                         rise_grid=FLAGS.rise_grid),
       overrides=overrides)
 
 

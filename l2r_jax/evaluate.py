@@ -247,6 +247,20 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
                                                          protocol=protocol, classes=classes,
                                                          mesh=rollout_mesh))
   scores = metrics.Accumulator()
+  # Each method's per-image difference to l2r on the same images (paired), for the standard
+  # error of the gap; l2r goes first so that its scores are there when the others come.
+  if "l2r" in methods:
+    methods.insert(0, methods.pop(methods.index("l2r")))
+  l2r_scores: dict[str, Array] = {}
+
+  def add_scores(method, name, out, keys, mask):
+    for k2 in keys:
+      scores.add(f"{method}/{name}/{k2}", out[k2], mask)
+      if method == "l2r":
+        l2r_scores[f"{name}/{k2}"] = out[k2]
+      elif l2r_scores:
+        scores.add(f"{method}/{name}/{k2}_minus_l2r", out[k2] - l2r_scores[f"{name}/{k2}"], mask)
+
   seconds = {m: 0.0 for m in methods}
   timed_images = {m: 0 for m in methods}
   # examples.png: the first image of each class met, up to num_figure_examples.
@@ -291,14 +305,13 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
               if class_source != "predicted":
                 continue
               out = scorers[name](images, maps, predicted)
-              for k2 in ("pos", "neg"):
-                scores.add(f"{method}/{name}/{k2}", out[k2], mask)
+              add_scores(method, name, out, ("pos", "neg"), mask)
               continue
             if protocol.class_source != class_source:
               continue
             out = scorers[name](images, maps, classes)
+            add_scores(method, name, out, ("deletion", "insertion"), mask)
             for k2 in ("deletion", "insertion"):
-              scores.add(f"{method}/{name}/{k2}", out[k2], mask)
               if name == "paper":
                 scores.add_curve(f"{method}/{k2}", out[f"{k2}_curve"], mask)
       bar.update(int(np.sum(local["mask"])) * jax.process_count())
@@ -318,6 +331,9 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
     for name, protocol in chosen.items():
       keys = ("pos", "neg") if protocol == "chefer" else ("deletion", "insertion")
       row[name] = {k: scores.stats(f"{method}/{name}/{k}") for k in keys}
+      if method != "l2r" and "l2r" in methods:
+        row[name].update({f"{k}_minus_l2r": scores.stats(f"{method}/{name}/{k}_minus_l2r")
+                          for k in keys})
     results["methods"][method] = row
   if "paper" in chosen:
     n = scores.total[f"{methods[0]}/paper/deletion_n"]
@@ -367,17 +383,23 @@ def markdown(results: dict[str, Any]) -> str:
   lines = [f"# Evaluation of {results['workdir']} ({results['target']}, split "
            f"{results['split']!r})", ""]
   methods = results["methods"]
+  paired = "l2r" in methods and len(methods) > 1
   for name in results["protocols"]:
-    keys = list(next(iter(methods.values()))[name])
+    keys = [k for k in next(iter(methods.values()))[name] if not k.endswith("_minus_l2r")]
     n = next(iter(methods.values()))[name][keys[0]]["n"]
     lines.append(f"## {name} (n = {n})")
     lines.append("")
     heads = [f"{k} {'(lower is better)' if LOWER_IS_BETTER[k] else '(higher is better)'}"
              for k in keys]
+    if paired:  # the paired per-image difference: its s.e. says whether a gap is real
+      heads += [f"{k}: method - l2r" for k in keys]
     lines.append("| method | " + " | ".join(heads) + " | s / image |")
-    lines.append("| --- | " + " | ".join("---" for _ in keys) + " | --- |")
+    lines.append("| --- | " + " | ".join("---" for _ in heads) + " | --- |")
     for method, row in methods.items():
       cells = [f"{row[name][k]['mean']:.4f} +- {row[name][k]['se']:.4f}" for k in keys]
+      if paired:
+        diffs = [row[name].get(f"{k}_minus_l2r") for k in keys]
+        cells += ["" if d is None else f"{d['mean']:+.4f} +- {d['se']:.4f}" for d in diffs]
       lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['seconds_per_image']:.4f} |")
     lines.append("")
   return "\n".join(lines)

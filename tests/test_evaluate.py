@@ -13,7 +13,7 @@ from configs import vit as vit_config
 from l2r_jax import evaluate, explainer, train
 
 METHODS = ("l2r", "l2r_refined", "random", "gradcam", "rollout")
-PROTOCOLS = ("paper", "black", "patch", "chefer")
+PROTOCOLS = ("paper", "black", "noise", "patch", "chefer")
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,18 @@ def test_outputs(run):
         assert s["n"] == 12, (method, name, k)
         assert np.isfinite(s["mean"]) and s["se"] >= 0
   assert len(on_disk["curves"]["l2r"]["deletion"]) == 21
+  # The paired differences to l2r: their mean is the difference of the means; the s.e. of a
+  # difference never exceeds the two s.e.s added (triangle inequality).
+  for method in METHODS[1:]:
+    for name, k in (("paper", "deletion"), ("noise", "insertion"), ("chefer", "pos")):
+      d, a, b = (on_disk["methods"][method][name][f"{k}_minus_l2r"],
+                 on_disk["methods"][method][name][k], on_disk["methods"]["l2r"][name][k])
+      np.testing.assert_allclose(d["mean"], a["mean"] - b["mean"], atol=1e-6)
+      assert d["n"] == 12 and 0 <= d["se"] <= a["se"] + b["se"] + 1e-9
+  assert "minus_l2r" not in json.dumps(on_disk["methods"]["l2r"])
   table = open(os.path.join(workdir, "results.md")).read()
   assert "| l2r_refined |" in table and "## chefer (n = 12)" in table
+  assert "deletion: method - l2r" in table
 
 
 def test_paper_protocol_matches_the_brute_force_reference(run):

@@ -450,7 +450,42 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
   metrics: dict[str, Any] = {}
   end = min(config.total_steps, stop_at or config.total_steps)
   logger = Logger(workdir)
-  done = start  # steps in `state`
+  advice = (f"lower the batch (train.py --config.batch_size={max(config.batch_size // 2, 1)}; "
+            f"it must stay a multiple of the {mesh.size} devices), the finest grid "
+            f"(--config.grids) or the target's precision (--config.target.dtype=bfloat16)")
+  done, good = start, state  # the steps in `good`, the last state checked finite
+  # The last step dispatched and not yet checked: (step, its new state, its metrics, grid). A
+  # step is checked, saved and logged only once the next one is queued behind it, so the device
+  # never waits for the host between steps (reading the loss blocks until the step is done).
+  pending = None
+
+  def finite(metrics) -> tuple[float, bool]:
+    """(loss, whether the params are finite) of a step's metrics: waits for that step."""
+    with checks.explain_out_of_memory(advice):
+      return float(metrics["loss"]), float(metrics["finite"]) == 1.0
+
+  def check(pending, bar) -> None:
+    nonlocal done, good
+    step, new_state, metrics, grid = pending
+    loss, params_finite = finite(metrics)
+    if not (np.isfinite(loss) and params_finite):
+      manager.wait_until_finished()
+      raise FloatingPointError(
+          f"training diverged at step {step + 1} (loss {loss}, "
+          f"{'finite' if params_finite else 'non-finite'} params); the last good checkpoint "
+          f"(step {manager.latest_step()}) is kept in {workdir}. Lower "
+          f"--config.learning_rate or raise --config.objective.smoothing_sigma, then rerun")
+    good, done = new_state, step + 1
+    # The last step is always kept, whatever config.checkpoint_every: a rerun of a finished (or
+    # stop_at) run must not train its tail again.
+    manager.save(step + 1, args=ocp.args.StandardSave(good), force=step + 1 == end)
+    if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
+      scalars = {"grid": float(grid), **{k: float(v) for k, v in metrics.items()},
+                 "steps_per_second": bar.format_dict["rate"] or 0.0}
+      logger.write(step + 1, scalars)
+      bar.set_postfix(loss=f"{scalars['loss']:.4f}", deletion=f"{scalars['deletion_auc']:.3f}",
+                      insertion=f"{scalars['insertion_auc']:.3f}")
+
   try:
     try:
       with tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
@@ -463,42 +498,30 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
           local = next(batches)
           batch = {k: jax.make_array_from_process_local_data(sharding, local[k])
                    for k in ("image", "label")}
-          with checks.explain_out_of_memory(
-              f"lower the batch (train.py --config.batch_size={max(config.batch_size // 2, 1)}; "
-              f"it must stay a multiple of the {mesh.size} devices), the finest grid "
-              f"(--config.grids) or the target's precision (--config.target.dtype=bfloat16)"):
-            new_state, metrics = steps[grid](state, target_variables, batch, rng,
-                                             backbone_variables)
-            loss, finite = float(metrics["loss"]), float(metrics["finite"])
-          if not (np.isfinite(loss) and finite == 1.0):
-            manager.wait_until_finished()
-            raise FloatingPointError(
-                f"training diverged at step {step + 1} (loss {loss}, "
-                f"{'finite' if finite == 1.0 else 'non-finite'} params); the last good checkpoint "
-                f"(step {manager.latest_step()}) is kept in {workdir}. Lower "
-                f"--config.learning_rate or raise --config.objective.smoothing_sigma, then "
-                f"rerun")
-          state, done = new_state, step + 1
-          # The last step is always kept, whatever config.checkpoint_every: a rerun of a
-          # finished (or stop_at) run must not train its tail again.
-          manager.save(step + 1, args=ocp.args.StandardSave(state), force=step + 1 == end)
+          with checks.explain_out_of_memory(advice):
+            state, metrics = steps[grid](state, target_variables, batch, rng, backbone_variables)
+          if pending is not None:
+            check(pending, bar)
+          pending = (step, state, metrics, grid)
           bar.update(1)
-          if (step + 1) % config.log_every == 0 or step + 1 == config.total_steps:
-            scalars = {"grid": float(grid), **{k: float(v) for k, v in metrics.items()},
-                       "steps_per_second": bar.format_dict["rate"] or 0.0}
-            logger.write(step + 1, scalars)
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}",
-                            deletion=f"{scalars['deletion_auc']:.3f}",
-                            insertion=f"{scalars['insertion_auc']:.3f}")
+        if pending is not None:
+          check(pending, bar)
+          pending = None
     except KeyboardInterrupt:
-      # Ctrl-C: keep every finished step. With several processes the save would be a collective
-      # that the others may never join, so there the periodic checkpoints are what is kept.
+      # Ctrl-C: keep every finished step (the last dispatched one too, once checked finite).
+      # With several processes the save would be a collective that the others may never join,
+      # so there the periodic checkpoints are what is kept.
+      if pending is not None and pending[0] + 1 > done:
+        loss, params_finite = finite(pending[2])
+        if np.isfinite(loss) and params_finite:
+          good, done = pending[1], pending[0] + 1
       if jax.process_count() == 1 and done > (manager.latest_step() or 0):
-        manager.save(done, args=ocp.args.StandardSave(state), force=True)
+        manager.save(done, args=ocp.args.StandardSave(good), force=True)
       manager.wait_until_finished()
       log(f"interrupted after step {done}; the checkpoint of step {manager.latest_step()} is in "
           f"{workdir}: rerun the same command to resume from it")
       raise
+    state = good
     manager.wait_until_finished()
     result = {"state": state, "target": target, "model": model,
               **{k: float(v) for k, v in metrics.items()}}

@@ -6,7 +6,8 @@
 
 copies the run's `examples.png` to docs/examples.png and rewrites the table between the
 `<!-- results:begin -->` and `<!-- results:end -->` lines of README.md from its `results.json`
-(never by hand: tests/test_readme.py runs this on a smoke run).
+(never by hand: tests/test_readme.py runs this on a smoke run). --block names another pair of
+markers (`<!-- NAME:begin -->` ... `<!-- NAME:end -->`), for the tables of other benchmarks.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import os
 import shutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BEGIN = "<!-- results:begin"
-END = "<!-- results:end -->"
+def markers(block: str) -> tuple[str, str]:
+  return f"<!-- {block}:begin", f"<!-- {block}:end -->"
 LOWER_IS_BETTER = {"deletion": True, "insertion": False}
 
 
@@ -50,11 +51,12 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def rewrite(readme: str, block: str) -> str:
-  """`readme` with the text between its results markers replaced by `block`."""
-  start, end = readme.find(BEGIN), readme.find(END)
+def rewrite(readme: str, block: str, name: str = "results") -> str:
+  """`readme` with the text between its `name` markers replaced by `block`."""
+  begin, finish = markers(name)
+  start, end = readme.find(begin), readme.find(finish)
   if start < 0 or end < start:
-    raise ValueError(f"README has no {BEGIN} ... {END} block to rewrite")
+    raise ValueError(f"README has no {begin} ... {finish} block to rewrite")
   start = readme.index("\n", start) + 1
   return readme[:start] + block + "\n" + readme[end:]
 
@@ -64,6 +66,7 @@ def main() -> None:
   parser.add_argument("--workdir", required=True, help="a run evaluated by evaluate.py")
   parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
   parser.add_argument("--figure", default=os.path.join(ROOT, "docs", "examples.png"))
+  parser.add_argument("--block", default="results", help="README's markers to write between")
   args = parser.parse_args()
   for name in ("results.json", "examples.png"):
     if not os.path.exists(os.path.join(args.workdir, name)):
@@ -74,7 +77,7 @@ def main() -> None:
   os.makedirs(os.path.dirname(os.path.abspath(args.figure)), exist_ok=True)
   shutil.copy(os.path.join(args.workdir, "examples.png"), args.figure)
   with open(args.readme) as f:
-    text = rewrite(f.read(), table(results))
+    text = rewrite(f.read(), table(results), args.block)
   with open(args.readme, "w") as f:
     f.write(text)
   print(f"wrote {args.figure} and the results table of {args.readme}")

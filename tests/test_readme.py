@@ -122,33 +122,47 @@ def test_readme_commands_run(tmp_path):
     assert f"| {method} | " in table and f"{s['mean']:.3f} +- {s['se']:.3f}" in table
 
 
+def _flags(program):
+  """The flags a README program defines: absl DEFINE_*("name") and argparse add_argument("--name"
+  ); train.py-style programs also take --config.FIELD."""
+  text = open(os.path.join(ROOT, program)).read()
+  return (set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', text))
+          | set(re.findall(r'add_argument\(\s*"--(\w+)"', text)))
+
+
 def test_readme_templates_name_real_flags_and_fields():
   import importlib
 
-  flags = set(re.findall(r'DEFINE_\w+\(\s*"(\w+)"', open(os.path.join(ROOT, "train.py")).read()))
   templates = commands("text")
   assert templates, "README lost its paper-setting commands"
   for command in templates:
     tokens = shlex.split(command)
-    assert tokens[:2] == ["python", "train.py"], command
+    assert tokens[0] == "python" and os.path.isfile(os.path.join(ROOT, tokens[1])), command
+    flags = _flags(tokens[1])
     options, rest = {}, tokens[2:]
     while rest:  # --name=value, --name value, or a bare --name
       name, sep, value = rest.pop(0)[2:].partition("=")
       if not sep and rest and not rest[0].startswith("--"):
         value = rest.pop(0)
       options[name] = value
-    file, _, variant = options.pop("config").partition(":")
-    module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
-    config = module.get_config(variant or None)
+    config = None
+    if "config" in options:
+      file, _, variant = options.pop("config").partition(":")
+      module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
+      config = module.get_config(variant or None)
     for name, value in options.items():
       if not name.startswith("config."):
-        assert name in flags, f"README: train.py has no flag --{name} ({command})"
+        assert name in flags, f"README: {tokens[1]} has no flag --{name} ({command})"
         continue
+      assert config is not None, f"README sets {name} without --config ({command})"
       node = config
       for part in name.split(".")[1:]:
         assert part in node, f"README: the config has no field {name} ({command})"
         node = node[part]
-      assert isinstance(node, str), f"README sets {name}, which is not a path / name field"
+      if isinstance(node, (int, float)) and not isinstance(node, bool):
+        float(value)  # a number field gets a number
+      else:
+        assert isinstance(node, str), f"README sets {name}, which is not a path / name field"
 
 
 def test_readme_python_blocks_run():

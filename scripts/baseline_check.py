@@ -22,7 +22,6 @@ import os
 import sys
 import time
 
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -48,6 +48,42 @@ def table(results: dict) -> str:
       cell = f"{s['mean']:.3f} +- {s['se']:.3f}"
       cells.append(f"**{cell}**" if s["mean"] == best[p, k] else cell)
     lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['seconds_per_image']:.4f} |")
+  paired = paired_table(results, columns)
+  return "\n".join(lines + (["", paired] if paired else []))
+
+
+def paired_table(results: dict, columns: list[tuple[str, str]]) -> str:
+  """Markdown: per column, the refined map and the strongest baseline against the single pass,
+  as paired per-image differences (method - l2r, mean +- s.e., z = mean / s.e.): the same images
+  under both, so the gap's standard error is that of the differences, not of either mean. Empty
+  when results.json has no paired differences (no 'l2r' among its methods)."""
+  methods = results["methods"]
+  if "l2r" not in methods:
+    return ""
+
+  def diff(method, p, k):
+    d = methods[method][p].get(f"{k}_minus_l2r")
+    if d is None:
+      return "-"
+    z = f"{d['mean'] / d['se']:+.1f}" if d["se"] > 0 else "n/a"
+    return f"{d['mean']:+.3f} +- {d['se']:.3f} (z {z})"
+
+  baselines = [m for m in methods if not m.startswith("l2r")]
+  lines = ["Paired per image against the single pass (method - l2r, mean +- s.e., z = mean / "
+           "s.e.; a win for l2r is a positive deletion gap and a negative insertion gap):", "",
+           "| protocol | metric | l2r | l2r_refined - l2r | best baseline | baseline - l2r |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for p, k in columns:
+    l2r = methods["l2r"][p][k]
+    refined = diff("l2r_refined", p, k) if "l2r_refined" in methods else "-"
+    means = {m: methods[m][p][k]["mean"] for m in baselines}
+    if means:
+      best = (min if LOWER_IS_BETTER[k] else max)(means, key=means.get)
+      baseline, gap = f"{best} ({means[best]:.3f})", diff(best, p, k)
+    else:
+      baseline, gap = "-", "-"
+    lines.append(f"| {p} | {k} | {l2r['mean']:.3f} +- {l2r['se']:.3f} | {refined} | {baseline} "
+                 f"| {gap} |")
   return "\n".join(lines)
 
 

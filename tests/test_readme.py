@@ -109,7 +109,7 @@ def test_readme_commands_run(tmp_path):
   import json
   assert json.load(open(os.path.join(workdir, "eval.json")))["n"] == 16
   results = json.load(open(os.path.join(workdir, "results.json")))
-  assert set(results["protocols"]) == {"paper", "black", "blur"}
+  assert set(results["protocols"]) == {"paper", "black", "blur", "noise"}
   assert results["methods"]["l2r"]["paper"]["deletion"]["n"] == 6
   digit = np.load(os.path.join(tmp, "maps", "my_digit.npy"))
   assert digit.shape == (28, 28) and np.isfinite(digit).all()
@@ -168,3 +168,37 @@ def test_readme_templates_name_real_flags_and_fields():
 def test_readme_python_blocks_run():
   for block in blocks("python"):
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_readme_assets_paired_table_picks_the_strongest_baseline():
+  sys.path.insert(0, os.path.join(ROOT, "scripts"))
+  try:
+    import readme_assets
+  finally:
+    sys.path.pop(0)
+
+  def stat(mean, se=0.01):
+    return {"mean": mean, "se": se, "n": 10}
+
+  def row(deletion, insertion, d_gap=None, i_gap=None):
+    out = {"paper": {"deletion": stat(deletion), "insertion": stat(insertion)},
+           "seconds_per_image": 0.5}
+    if d_gap is not None:
+      out["paper"]["deletion_minus_l2r"] = stat(*d_gap)
+      out["paper"]["insertion_minus_l2r"] = stat(*i_gap)
+    return out
+
+  results = {"target": "t", "split": "s", "protocols": {"paper": "paper"}, "methods": {
+      "l2r": row(0.20, 0.60),
+      "l2r_refined": row(0.18, 0.62, (-0.02, 0.005), (0.02, 0.004)),
+      "random": row(0.30, 0.30, (0.10, 0.02), (-0.30, 0.03)),
+      "rise": row(0.25, 0.65, (0.05, 0.01), (0.05, 0.02))}}
+  text = readme_assets.table(results)
+  # Insertion: RISE is the strongest baseline (0.65), 0.05 above l2r with s.e. 0.02 -> z +2.5;
+  # deletion: RISE again (0.25 < 0.30), 0.05 above with s.e. 0.01 -> z +5.0.
+  assert ("| paper | deletion | 0.200 +- 0.010 | -0.020 +- 0.005 (z -4.0) | rise (0.250) | "
+          "+0.050 +- 0.010 (z +5.0) |") in text
+  assert ("| paper | insertion | 0.600 +- 0.010 | +0.020 +- 0.004 (z +5.0) | rise (0.650) | "
+          "+0.050 +- 0.020 (z +2.5) |") in text
+  del results["methods"]["l2r"]
+  assert "Paired" not in readme_assets.table(results)

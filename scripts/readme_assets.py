@@ -24,7 +24,7 @@ LOWER_IS_BETTER = {"deletion": True, "insertion": False}
 
 def table(results: dict) -> str:
   """Markdown: a row per method, deletion / insertion AUC (mean +- s.e.) per protocol, seconds
-  per image; the best mean of each column in bold."""
+  per image; the best mean of each column in bold; then `paired_table`."""
   methods = results["methods"]
   protocols = [p for p in results["protocols"] if results["protocols"][p] != "chefer"]
   if not protocols:

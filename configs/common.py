@@ -48,6 +48,10 @@ def base() -> ml_collections.ConfigDict:
   c.explainer.backbone = ""  # '': the target's own frozen features; else a registered target
   c.explainer.backbone_weights = ""  # the backbone's weights file
 
+  # A workdir (or its explainer.msgpack) whose explainer this run starts from instead of a fresh
+  # decoder, e.g. to fine-tune a coarse-grid run at a finer grid schedule; ignored on resuming.
+  c.init_from = ""
+
   c.batch_size = 32  # global
   c.total_steps = 40_000  # one ImageNet epoch at batch 32
   c.learning_rate = 3e-4

@@ -230,6 +230,32 @@ def build_target(config: Any, workdir: str, log: Callable[[str], None] = print) 
   return target.with_dtype(DTYPES[config.target.dtype])
 
 
+def load_explainer_params(path: str, template: Any) -> Any:
+  """The explainer params of config.init_from: a training workdir's explainer.msgpack (or that
+  file itself), checked leaf by leaf against `template` (this config's fresh params)."""
+  import os
+
+  import numpy as np
+  from flax import serialization
+  file = os.path.join(path, "explainer.msgpack") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise ValueError(f"config.init_from={path!r}: no such file {file!r}; set --config.init_from "
+                     f"to a finished training workdir or its explainer.msgpack")
+  with open(file, "rb") as f:
+    state_dict = serialization.msgpack_restore(f.read())
+  want = serialization.to_state_dict(template)
+  mismatch = (jax.tree.structure(state_dict) != jax.tree.structure(want) or any(
+      np.shape(a) != np.shape(b)
+      for a, b in zip(jax.tree.leaves(state_dict), jax.tree.leaves(want))))
+  if mismatch:
+    raise ValueError(f"config.init_from={path!r}: its explainer does not fit this config's "
+                     f"(explainer width, conditioning, target): expected params "
+                     f"{jax.tree.map(np.shape, want)}, the file holds "
+                     f"{jax.tree.map(np.shape, state_dict)}")
+  return jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype),
+                      serialization.from_state_dict(template, state_dict), template)
+
+
 PRETRAIN_TIMEOUT_S = 24 * 3600  # how long the other processes wait for process 0's pretraining
 # Barrier names must not repeat; every process makes the same calls, so the same numbers.
 _BARRIERS = itertools.count()
@@ -434,6 +460,10 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
       options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
                                            save_interval_steps=config.checkpoint_every))
   start = manager.latest_step() or 0
+  if not start and config.get("init_from", ""):
+    params = jax.device_put(load_explainer_params(config.init_from, state.params), replicated)
+    state = state.replace(params=params, opt_state=jax.jit(tx.init)(params))
+    log(f"the explainer starts from {config.init_from}")
   if start:
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)

@@ -82,6 +82,33 @@ def test_smoke_run_writes_its_outputs_and_resumes_exactly(tmp_path, smoke_target
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
   assert int(again["state"].step) == 4
 
+  # Fine-tuning from the straight run (config.init_from): with a zero learning rate the steps
+  # keep the loaded params exactly, so the run started from them, not from a fresh decoder.
+  config = _config()
+  config.init_from = straight
+  config.learning_rate = 0.0
+  tuned = train.train_and_evaluate(config, _workdir(tmp_path, smoke_target, "tuned"), stop_at=1)
+  for a, b in zip(jax.tree.leaves(result["state"].params), jax.tree.leaves(tuned["state"].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_from_checks_the_file_and_its_shapes(tmp_path):
+  from flax import serialization
+
+  template = {"params": {"out": {"kernel": np.zeros((3, 3, 4, 1), np.float32),
+                                 "bias": np.zeros((1,), np.float32)}}}
+  with pytest.raises(ValueError, match=r"--config.init_from"):
+    train.load_explainer_params(str(tmp_path), template)  # a folder without explainer.msgpack
+  saved = {"params": {"out": {"kernel": np.full((3, 3, 4, 1), 0.5, np.float32),
+                              "bias": np.ones((1,), np.float32)}}}
+  (tmp_path / "explainer.msgpack").write_bytes(serialization.to_bytes(saved))
+  loaded = train.load_explainer_params(str(tmp_path), template)
+  np.testing.assert_array_equal(loaded["params"]["out"]["kernel"], 0.5)
+  wider = {"params": {"out": {"kernel": np.zeros((3, 3, 8, 1), np.float32),
+                              "bias": np.zeros((1,), np.float32)}}}
+  with pytest.raises(ValueError, match=r"does not fit this config's .*\(3, 3, 8, 1\)"):
+    train.load_explainer_params(str(tmp_path / "explainer.msgpack"), wider)
+
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                           smoke_target):

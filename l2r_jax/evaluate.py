@@ -6,6 +6,10 @@ them under every protocol, and writes to the workdir:
 - `results.json`: per method x protocol the mean, standard error and n of each score, and the
   method's seconds per image (map computation only, after the first batch's compilation);
 - `results.md`: the same as Markdown tables (also printed);
+- `per_image.npz`: every score of every image, f32[n] per '<method>/<protocol>/<score>' in the
+  evaluation's image order (fixed by the split and --num_examples), with '_labels' and
+  '_predicted' i32[n]: for paired comparisons across runs on the same images
+  (`scripts/compare_runs.py`);
 - `curves.png`: mean deletion / insertion curves of each method under the paper's protocol;
 - `examples.png`: one image per class (the first met, up to `num_figure_examples`) with each
   method's map.
@@ -253,9 +257,13 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
     methods.insert(0, methods.pop(methods.index("l2r")))
   l2r_scores: dict[str, Array] = {}
 
+  per_image: dict[str, list[np.ndarray]] = {"_labels": [], "_predicted": []}
+
   def add_scores(method, name, out, keys, mask):
+    valid = _gather(mask)
     for k2 in keys:
       scores.add(f"{method}/{name}/{k2}", out[k2], mask)
+      per_image.setdefault(f"{method}/{name}/{k2}", []).append(_gather(out[k2])[valid])
       if method == "l2r":
         l2r_scores[f"{name}/{k2}"] = out[k2]
       elif l2r_scores:
@@ -277,6 +285,9 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
       labels = jax.make_array_from_process_local_data(sharding, local["label"])
       mask = jax.make_array_from_process_local_data(sharding, local["mask"])
       predicted = predict(images)
+      valid = _gather(mask)
+      per_image["_labels"].append(_gather(labels)[valid])
+      per_image["_predicted"].append(_gather(predicted)[valid])
       class_sets = {"predicted": predicted}
       if needs_label:
         if int(jnp.min(jnp.where(mask, labels, 0))) < 0:
@@ -348,6 +359,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
         json.dump(results, f, indent=1)
       with open(os.path.join(workdir, "results.md"), "w") as f:
         f.write(table)
+      np.savez(os.path.join(workdir, "per_image.npz"),
+               **{k: np.concatenate(v) for k, v in per_image.items()})
       if "curves" in results:
         plot_curves(results, os.path.join(workdir, "curves.png"))
       plot_examples(figure, methods, os.path.join(workdir, "examples.png"))

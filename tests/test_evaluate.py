@@ -52,6 +52,16 @@ def test_outputs(run):
   table = open(os.path.join(workdir, "results.md")).read()
   assert "| l2r_refined |" in table and "## chefer (n = 12)" in table
   assert "deletion: method - l2r" in table
+  # per_image.npz: every score of the 12 images (no padding), whose means are results.json's.
+  per_image = np.load(os.path.join(workdir, "per_image.npz"))
+  assert per_image["_labels"].shape == per_image["_predicted"].shape == (12,)
+  for method in METHODS:
+    for name in PROTOCOLS:
+      for k, s in on_disk["methods"][method][name].items():
+        if "minus" not in k:
+          assert per_image[f"{method}/{name}/{k}"].shape == (12,)
+          np.testing.assert_allclose(per_image[f"{method}/{name}/{k}"].mean(), s["mean"],
+                                     atol=1e-6)
 
 
 def test_paper_protocol_matches_the_brute_force_reference(run):
@@ -82,6 +92,11 @@ def test_paper_protocol_matches_the_brute_force_reference(run):
                                     fractions))
     inss.append(reference.trapezoid(reference.deletion_curve(score, x, -maps[i], ref, fractions),
                                     fractions))
+  per_image = np.load(os.path.join(workdir, "per_image.npz"))
+  np.testing.assert_array_equal(per_image["_predicted"], np.asarray(classes))
+  np.testing.assert_array_equal(per_image["_labels"], batch["label"])
+  np.testing.assert_allclose(per_image["l2r/paper/deletion"], dels, atol=5e-4)
+  np.testing.assert_allclose(per_image["l2r/paper/insertion"], inss, atol=5e-4)
   got = results["methods"]["l2r"]["paper"]
   np.testing.assert_allclose(got["deletion"]["mean"], np.mean(dels), atol=2e-4)
   np.testing.assert_allclose(got["insertion"]["mean"], np.mean(inss), atol=2e-4)
@@ -171,3 +186,29 @@ def test_batches_smaller_than_the_mesh_spread_the_rollouts(run):
       np.testing.assert_allclose(got["mean"], want["mean"], rtol=1e-5, atol=1e-6)
   refined = small["methods"]["l2r_refined"]["paper"]["deletion"]
   assert refined["n"] == 12 and 0.0 <= refined["mean"] <= 1.0
+
+
+def test_compare_runs_pairs_the_same_images(run, capsys):
+  """scripts/compare_runs.py: a method of one evaluation against another's, paired per image;
+  here random vs l2r of one run, whose paired gap results.json holds too."""
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+  import compare_runs
+
+  workdir, results = run
+  base, _, _ = compare_runs.load(workdir)
+  rows = {r["score"]: r for r in compare_runs.compare(base, base, "l2r", "random")}
+  assert set(rows) >= {"paper/deletion", "noise/insertion", "chefer/pos"}
+  for score, row in rows.items():
+    name, k = score.split("/")
+    want = results["methods"]["random"][name][f"{k}_minus_l2r"]
+    assert row["n"] == 12
+    np.testing.assert_allclose(row["diff"], (want["mean"], want["se"]), atol=1e-5)
+  compare_runs.main(["--base", workdir, "--new", f"{workdir}:random"])
+  assert "| paper/deletion | 12 |" in capsys.readouterr().out
+  shuffled = dict(base, _labels=base["_labels"][::-1].copy())
+  if not np.array_equal(shuffled["_labels"], base["_labels"]):
+    with pytest.raises(ValueError, match="did not score the same images"):
+      compare_runs.compare(base, shuffled, "l2r", "l2r")
+  with pytest.raises(ValueError, match="matches one of 'gradient' in the new one"):
+    compare_runs.compare(base, base, "l2r", "gradient")

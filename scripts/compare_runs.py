@@ -1,0 +1,88 @@
+"""Paired comparison of two evaluations on the same images: one method of run A against one method
+of run B (e.g. an explainer before and after a change of its training), score by score.
+
+  python scripts/compare_runs.py --base /tmp/l2r_cifar --new /tmp/l2r_cifar_ft32
+  python scripts/compare_runs.py --base /tmp/l2r_cifar:l2r --new /tmp/l2r_cifar:rise
+
+Each side is a workdir (or its per_image.npz, written by evaluate.py) with an optional ':method'
+(default l2r). The two evaluations must have scored the same images in the same order (the same
+split and --num_examples): their labels and predicted classes are checked. Per score common to
+both: each side's mean +- standard error and the paired per-image difference new - base (its
+standard error is that of the differences, so a real gap shows even where the two means' error
+bars overlap).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+
+def load(spec: str) -> tuple[dict[str, np.ndarray], str, str]:
+  """(per-image scores, method, the file) of 'path[:method]'."""
+  path, _, method = spec.partition(":")
+  file = os.path.join(path, "per_image.npz") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise SystemExit(f"{spec!r}: no {file}; run evaluate.py on that workdir first (it writes "
+                     f"per_image.npz)")
+  with np.load(file) as data:
+    return dict(data), method or "l2r", file
+
+
+def mean_se(x: np.ndarray) -> tuple[float, float]:
+  return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def compare(base: dict[str, np.ndarray], new: dict[str, np.ndarray], base_method: str,
+            new_method: str) -> list[dict]:
+  """One row per 'protocol/score' both sides have for their method: {'score', 'n', 'base',
+  'new', 'diff'} with (mean, se) pairs; diff = new - base paired per image."""
+  for key in ("_labels", "_predicted"):
+    if key not in base or key not in new or not np.array_equal(base[key], new[key]):
+      raise ValueError(f"the two evaluations did not score the same images ({key[1:]} differ): "
+                       f"evaluate both with the same split and --num_examples")
+  prefix_a, prefix_b = f"{base_method}/", f"{new_method}/"
+  scores_a = {k[len(prefix_a):] for k in base if k.startswith(prefix_a)}
+  scores_b = {k[len(prefix_b):] for k in new if k.startswith(prefix_b)}
+  common = sorted(scores_a & scores_b)
+  if not common:
+    raise ValueError(f"no score of method {base_method!r} in the base evaluation matches one of "
+                     f"{new_method!r} in the new one (base has {sorted(scores_a)}, new "
+                     f"{sorted(scores_b)})")
+  rows = []
+  for score in common:
+    a, b = base[prefix_a + score], new[prefix_b + score]
+    rows.append({"score": score, "n": len(a), "base": mean_se(a), "new": mean_se(b),
+                 "diff": mean_se(b - a)})
+  return rows
+
+
+def markdown(rows: list[dict], base: str, new: str) -> str:
+  lines = [f"| score | n | base: {base} | new: {new} | new - base (paired) |",
+           "| --- | --- | --- | --- | --- |"]
+  for r in rows:
+    (da, sa), (db, sb), (dd, sd) = r["base"], r["new"], r["diff"]
+    z = f" (z {dd / sd:+.1f})" if sd > 0 else ""
+    lines.append(f"| {r['score']} | {r['n']} | {da:.4f} +- {sa:.4f} | {db:.4f} +- {sb:.4f} | "
+                 f"{dd:+.4f} +- {sd:.4f}{z} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--base", required=True, help="workdir or per_image.npz, optional :method")
+  parser.add_argument("--new", required=True, help="workdir or per_image.npz, optional :method")
+  args = parser.parse_args(argv)
+  base, base_method, base_file = load(args.base)
+  new, new_method, new_file = load(args.new)
+  try:
+    rows = compare(base, new, base_method, new_method)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
+  print(markdown(rows, f"{base_method} of {base_file}", f"{new_method} of {new_file}"))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -72,6 +72,7 @@ def base() -> ml_collections.ConfigDict:
   c.objective.smoothing_sigma = 1.0
   c.objective.peak_weight = 0.0025
   c.objective.peak_window = 15
+  c.objective.deletion_weight = 1.0  # the loss's weight on the deletion AUC (insertion: 1)
 
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2

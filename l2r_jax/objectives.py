@@ -38,6 +38,9 @@ class ObjectiveConfig:
   peak_weight: float = 0.0025
   peak_window: int = 15  # side of the local-mean window of the peak penalty
   score: str = "prob"  # 'prob': softmax probability of the class; 'logit': its logit
+  # Weight of the deletion AUC in the loss (the paper's 1.0): one map serves both sweeps, so
+  # where they ask for different rankings this sets the trade-off.
+  deletion_weight: float = 1.0
 
   def __post_init__(self):
     checks.static_int(self.num_fractions, "num_fractions", minimum=2)
@@ -47,6 +50,8 @@ class ObjectiveConfig:
       raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
     if self.peak_weight < 0:
       raise ValueError(f"peak_weight must be >= 0, got {self.peak_weight}")
+    if not self.deletion_weight >= 0:
+      raise ValueError(f"deletion_weight must be >= 0, got {self.deletion_weight}")
     checks.choice(self.score, SCORES, "score")
 
   @property
@@ -197,7 +202,8 @@ def loss_fn(apply_fn: ApplyFn,
             config: ObjectiveConfig = ObjectiveConfig()) -> tuple[Array, dict[str, Array]]:
   """The paper's loss, averaged over images and classes: a scalar, and its parts.
 
-  loss = mean(AUC_del) + mean(1 - AUC_ins) + peak_weight * peak_penalty(maps).
+  loss = deletion_weight * mean(AUC_del) + mean(1 - AUC_ins) + peak_weight * peak_penalty(maps)
+  (deletion_weight 1 in the paper).
   Returns (loss, aux) with aux holding 'deletion_auc' and 'insertion_auc' f32[B, C], and
   'peak_penalty'.
   """
@@ -206,5 +212,6 @@ def loss_fn(apply_fn: ApplyFn,
   auc = trapezoid_auc(curves, config.fractions)  # [B, 2, C]
   deletion, insertion = auc[:, 0], auc[:, 1]
   peak = peak_penalty(maps, config.peak_window)
-  loss = jnp.mean(deletion) + jnp.mean(1.0 - insertion) + config.peak_weight * peak
+  loss = (config.deletion_weight * jnp.mean(deletion) + jnp.mean(1.0 - insertion)
+          + config.peak_weight * peak)
   return loss, {"deletion_auc": deletion, "insertion_auc": insertion, "peak_penalty": peak}

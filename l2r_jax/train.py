@@ -304,7 +304,9 @@ def step_config(config: Any) -> StepConfig:
   return StepConfig(
       objective=objectives.ObjectiveConfig(num_fractions=o.num_fractions, num_iters=o.num_iters,
                                            smoothing_sigma=o.smoothing_sigma,
-                                           peak_weight=o.peak_weight, peak_window=o.peak_window),
+                                           peak_weight=o.peak_weight, peak_window=o.peak_window,
+                                           # absent from the config.json of older runs
+                                           deletion_weight=o.get("deletion_weight", 1.0)),
       references=tuple(config.references), mean_color=tuple(config.mean_color),
       blur_size=config.blur_size, blur_sigma=config.blur_sigma, tau_start=config.tau_start,
       tau_end=config.tau_end, total_steps=config.total_steps)

@@ -110,6 +110,11 @@ def test_loss_parts_and_gradient(problem):
   assert aux["deletion_auc"].shape == aux["insertion_auc"].shape == (2, 2)
   assert grad.shape == maps.shape and bool(jnp.isfinite(grad).all())
   assert float(jnp.abs(grad).max()) > 1e-6
+  # deletion_weight scales the deletion term only.
+  weighted = objectives.loss_fn(clf.jax_apply(), images, maps, refs, classes,
+                                key=jax.random.key(4), grid=8, tau=0.5,
+                                config=objectives.ObjectiveConfig(deletion_weight=3.0))[0]
+  np.testing.assert_allclose(weighted, want + 2.0 * aux["deletion_auc"].mean(), rtol=1e-6)
 
 
 def test_free_map_descends_to_the_known_optimum():
@@ -173,6 +178,7 @@ def test_bad_input_raises_value_error(problem, kwargs, match):
     (dict(num_fractions=1), "num_fractions must be an integer >= 2"),
     (dict(score="softmax"), "score must be one of"),
     (dict(smoothing_sigma=-1.0), "smoothing_sigma must be >= 0"),
+    (dict(deletion_weight=float("nan")), "deletion_weight must be >= 0"),
 ])
 def test_bad_config_raises_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -100,7 +100,6 @@ def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
   config.json and the explainer params of its latest checkpoint (else explainer.msgpack)."""
   import ml_collections
   import orbax.checkpoint as ocp
-  from flax import serialization
 
   from l2r_jax import train
   path = os.path.join(workdir, "config.json")
@@ -144,8 +143,7 @@ def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
     if not os.path.isfile(export):
       raise ValueError(f"{workdir!r} holds no checkpoint (checkpoints/) and no explainer.msgpack:"
                        f" train first (python train.py --workdir {workdir} ...)")
-    with open(export, "rb") as f:
-      params = serialization.from_bytes(template, f.read())
+    params = train.load_explainer_params(export, template, what=repr(export))
   if jax.tree.structure(params) != jax.tree.structure(template):
     raise ValueError(f"the explainer params in {workdir!r} do not fit config.json's explainer")
   return config, target, model, params, backbone
@@ -259,8 +257,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
 
   per_image: dict[str, list[np.ndarray]] = {"_labels": [], "_predicted": []}
 
-  def add_scores(method, name, out, keys, mask):
-    valid = _gather(mask)
+  def add_scores(method, name, out, keys, mask, valid):
+    """valid: the mask gathered to NumPy (the batch's real images, all processes)."""
     for k2 in keys:
       scores.add(f"{method}/{name}/{k2}", out[k2], mask)
       per_image.setdefault(f"{method}/{name}/{k2}", []).append(_gather(out[k2])[valid])
@@ -316,12 +314,12 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
               if class_source != "predicted":
                 continue
               out = scorers[name](images, maps, predicted)
-              add_scores(method, name, out, ("pos", "neg"), mask)
+              add_scores(method, name, out, ("pos", "neg"), mask, valid)
               continue
             if protocol.class_source != class_source:
               continue
             out = scorers[name](images, maps, classes)
-            add_scores(method, name, out, ("deletion", "insertion"), mask)
+            add_scores(method, name, out, ("deletion", "insertion"), mask, valid)
             for k2 in ("deletion", "insertion"):
               if name == "paper":
                 scores.add_curve(f"{method}/{k2}", out[f"{k2}_curve"], mask)

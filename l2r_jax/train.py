@@ -230,17 +230,19 @@ def build_target(config: Any, workdir: str, log: Callable[[str], None] = print) 
   return target.with_dtype(DTYPES[config.target.dtype])
 
 
-def load_explainer_params(path: str, template: Any) -> Any:
-  """The explainer params of config.init_from: a training workdir's explainer.msgpack (or that
-  file itself), checked leaf by leaf against `template` (this config's fresh params)."""
+def load_explainer_params(path: str, template: Any, what: str | None = None) -> Any:
+  """The explainer params of a training workdir's explainer.msgpack (or that file itself),
+  checked leaf by leaf against `template` (this config's fresh params). `what` names the file
+  in errors (default: as config.init_from, the flag that points at it)."""
   import os
 
   import numpy as np
   from flax import serialization
+  what = what or f"config.init_from={path!r}"
   file = os.path.join(path, "explainer.msgpack") if os.path.isdir(path) else path
   if not os.path.isfile(file):
-    raise ValueError(f"config.init_from={path!r}: no such file {file!r}; set --config.init_from "
-                     f"to a finished training workdir or its explainer.msgpack")
+    raise ValueError(f"{what}: no such file {file!r}; set --config.init_from to a finished "
+                     f"training workdir or its explainer.msgpack")
   with open(file, "rb") as f:
     state_dict = serialization.msgpack_restore(f.read())
   want = serialization.to_state_dict(template)
@@ -248,7 +250,7 @@ def load_explainer_params(path: str, template: Any) -> Any:
       np.shape(a) != np.shape(b)
       for a, b in zip(jax.tree.leaves(state_dict), jax.tree.leaves(want))))
   if mismatch:
-    raise ValueError(f"config.init_from={path!r}: its explainer does not fit this config's "
+    raise ValueError(f"{what}: its explainer does not fit this config's "
                      f"(explainer width, conditioning, target): expected params "
                      f"{jax.tree.map(np.shape, want)}, the file holds "
                      f"{jax.tree.map(np.shape, state_dict)}")

@@ -120,6 +120,16 @@ def test_errors_name_what_is_missing(run, tmp_path):
   shutil.copy(os.path.join(workdir, "target.msgpack"), empty)
   with pytest.raises(ValueError, match="no checkpoint"):
     evaluate.evaluate(str(empty), methods=("l2r",))
+  # Only the export (no checkpoints/): the same params as the checkpoint; a wrong one is refused.
+  shutil.copy(os.path.join(workdir, "explainer.msgpack"), empty)
+  from_export = evaluate.load_run(str(empty))[3]
+  for a, b in zip(jax.tree.leaves(evaluate.load_run(workdir)[3]), jax.tree.leaves(from_export)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  from flax import serialization
+  (empty / "explainer.msgpack").write_bytes(serialization.to_bytes(
+      {"params": {"out": {"kernel": np.zeros((3, 3, 4, 1), np.float32)}}}))
+  with pytest.raises(ValueError, match="explainer.msgpack'.*does not fit this config's"):
+    evaluate.load_run(str(empty))
 
 
 def test_explain_image_files(run, tmp_path):

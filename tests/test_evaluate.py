@@ -222,3 +222,17 @@ def test_compare_runs_pairs_the_same_images(run, capsys):
       compare_runs.compare(base, shuffled, "l2r", "l2r")
   with pytest.raises(ValueError, match="matches one of 'gradient' in the new one"):
     compare_runs.compare(base, base, "l2r", "gradient")
+
+
+def test_a_methods_random_draw_does_not_depend_on_the_other_methods(run):
+  """random and l2r_refined (Gumbel noise) score the same alone as beside the other methods:
+  their keys follow the method's name, not its place in --methods."""
+  workdir, results = run
+  alone = evaluate.evaluate(workdir, methods=("l2r_refined", "random"),
+                            protocol_names=("paper",), batch_size=8, refine_steps=2,
+                            refine_samples=2, write=False, verbose=False)
+  for method in ("random", "l2r_refined"):
+    for k in ("deletion", "insertion"):
+      np.testing.assert_allclose(alone["methods"][method]["paper"][k]["mean"],
+                                 results["methods"][method]["paper"][k]["mean"], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"{method} {k}")

@@ -7,7 +7,7 @@ pixels (the target normalises internally). The definitions, with x the image, c 
 the class LOGIT (what captum's attributions of a model's outputs differentiate), m = 1..3 the
 colour channel:
 
-  random                       u ~ U[0, 1) per pixel, from `key`.
+  random                       u ~ U[0, 1) per pixel, from the image's key.
   gradient                     max_m |d f_c / d x_m|  (Simonyan et al. 2014; captum Saliency).
   gradient_x_input             |sum_m x_m d f_c / d x_m|  (abs of the channel sum).
   integrated_gradients         sum_m |IG_m|, with IG = (x - x') * sum_k w_k grad f_c(x' + a_k (x - x'))
@@ -126,6 +126,9 @@ def attribute(method: str, target: base.Target, variables: base.Variables, image
     images: f32[B, H, W, 3] in [0, 1] pixel space.
     classes: i32[B], the class explained for each image.
     key: a PRNG key; required by the STOCHASTIC methods ('random', 'smoothgrad', 'rise').
+      'random' and 'smoothgrad' also take keys[B], one per image, so that an image's draw does
+      not depend on the batch it comes in; 'rise' takes one key, its masks being shared by every
+      image (as in the paper).
     options: the methods' settings.
   Returns:
     maps f32[B, H, W], larger = more important.
@@ -137,8 +140,14 @@ def attribute(method: str, target: base.Target, variables: base.Variables, image
   images, classes = _check_inputs(target, images, classes)
   if method in STOCHASTIC and key is None:
     raise ValueError(f"method {method!r} draws random numbers: pass key=jax.random.key(seed)")
+  if method in STOCHASTIC and checks.per_image_key(key, images.shape[0]):
+    if method == "rise":
+      raise ValueError("method 'rise' shares one set of masks between all images: pass one key, "
+                       "not one per image")
+  elif method in ("random", "smoothgrad"):  # one key: a key per image from it, by position
+    key = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(images.shape[0]))
   if method == "random":
-    return jax.random.uniform(key, images.shape[:3], jnp.float32)
+    return jax.vmap(lambda k: jax.random.uniform(k, images.shape[1:3], jnp.float32))(key)
   static = _static(target)
   if method in ("gradient", "gradient_x_input"):
     grads = _gradient_kernel(static, variables, images, classes)
@@ -338,8 +347,8 @@ def _ig_kernel(target, options, variables, images, classes):
 def _smoothgrad_kernel(target, options, variables, images, classes, key):
   n, sigma = options.smoothgrad_samples, options.smoothgrad_sigma
 
-  def contribution(b, k, valid):
-    keys = jax.vmap(lambda b, k: jax.random.fold_in(jax.random.fold_in(key, b), k))(b, k)
+  def contribution(b, k, valid):  # key: keys[B], one per image
+    keys = jax.vmap(lambda b, k: jax.random.fold_in(key[b], k))(b, k)
     noise = jax.vmap(lambda k: jax.random.normal(k, images.shape[1:], jnp.float32))(keys)
     grads = _logit_gradient(target, variables, images[b] + sigma * noise, classes[b])
     return jnp.max(jnp.abs(grads), axis=-1) * (valid / n)[:, None, None]

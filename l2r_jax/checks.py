@@ -105,6 +105,24 @@ def static_int(value: Any, name: str, minimum: int = 1) -> int:
   return int(value)
 
 
+def per_image_key(key: Any, batch: int, name: str = "key") -> bool:
+  """False for one PRNG key, True for one per image (keys[batch]); raises for anything else.
+
+  Both a typed key (jax.random.key) and a raw uint32[2] one (jax.random.PRNGKey) are accepted.
+  """
+  shape = tuple(np.shape(key))
+  typed = jnp.issubdtype(getattr(key, "dtype", np.float32), jax.dtypes.prng_key)
+  if not typed and (not shape or shape[-1] != 2
+                    or not jnp.issubdtype(getattr(key, "dtype", np.float32), jnp.unsignedinteger)):
+    raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed)) or one per image, got "
+                     f"{getattr(key, 'dtype', type(key).__name__)} of shape {shape}")
+  batch_shape = shape if typed else shape[:-1]
+  if batch_shape not in ((), (batch,)):
+    raise ValueError(f"{name} must be one PRNG key or one per image (keys[{batch}]), got keys "
+                     f"of shape {batch_shape}")
+  return batch_shape == (batch,)
+
+
 def existing_path(path: Any, field: str, what: str, kind: str = "file",
                   noun: str | None = None) -> Path:
   """Path(path) after checking it names an existing file (kind 'file') or folder ('folder');

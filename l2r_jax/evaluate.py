@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import time
@@ -283,6 +284,7 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
       images = jax.make_array_from_process_local_data(sharding, local["image"])
       labels = jax.make_array_from_process_local_data(sharding, local["label"])
       mask = jax.make_array_from_process_local_data(sharding, local["mask"])
+      index = jax.make_array_from_process_local_data(sharding, local["index"])
       predicted = predict(images)
       valid = _gather(mask)
       per_image["_labels"].append(_gather(labels)[valid])
@@ -302,7 +304,7 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
           figure["_labels"].extend(all_labels[picks])
       for method in methods:
         for class_source, classes in class_sets.items():
-          k = jax.random.fold_in(jax.random.fold_in(key, i), _method_seed(method))
+          k = method_key(key, method, index)
           t = time.perf_counter()
           maps = jax.block_until_ready(maps_of(method, images, classes, k))
           if class_source == "predicted" and (i > 0 or len(batches) == 1):
@@ -386,6 +388,17 @@ def _method_seed(method: str) -> int:
   """A method's random stream (random ranking, RISE's masks, refinement's noise) as a function
   of its name alone, so that a method scores the same whichever other methods run beside it."""
   return zlib.crc32(method.encode()) & 0x7FFFFFFF
+
+
+def method_key(key: Array, method: str, index: Array) -> Array:
+  """The PRNG key(s) of `method` for the images of a batch (their indices i32[B] in the
+  evaluated set): RISE one key for the whole evaluation (its masks are shared by every image, as
+  in the paper), the others one key per image from its index. Either way an image's map does not
+  depend on the batch size, the batch it falls in or the process that loads it."""
+  k = jax.random.fold_in(key, _method_seed(method))
+  if method == "rise":
+    return k
+  return jax.vmap(functools.partial(jax.random.fold_in, k))(index)
 
 
 def _gather(x: Array) -> np.ndarray:

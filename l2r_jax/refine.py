@@ -78,6 +78,11 @@ def _samples(config: RefineConfig) -> list[tuple[int, str]]:
           for i in range(config.num_samples)]
 
 
+def _split(keys: Array, n: int) -> Array:
+  """n keys for each image from keys[B]: [n, B]."""
+  return jax.vmap(lambda k: jax.random.split(k, n), out_axes=1)(keys)
+
+
 def _references(images: Array, config: RefineConfig) -> dict[str, Array]:
   """The reference images f32[B, H, W, C] of each reference the samples use."""
   kw = dict(mean_color=config.mean_color, blur_size=config.blur_size,
@@ -86,10 +91,10 @@ def _references(images: Array, config: RefineConfig) -> dict[str, Array]:
 
 
 def _sample_loss(apply_fn: ApplyFn, images: Array, maps: Array, references: Array,
-                 classes: Array, key: Array, grid: int, config: RefineConfig) -> Array:
-  """AUC_del + (1 - AUC_ins) of one sample (one key, grid and reference per image): f32[B]."""
+                 classes: Array, keys: Array, grid: int, config: RefineConfig) -> Array:
+  """AUC_del + (1 - AUC_ins) of one sample (keys[B], one grid and reference): f32[B]."""
   curves = objectives.soft_curves(apply_fn, images, maps, references, classes[:, None],
-                                  key=jax.random.split(key, images.shape[0]), grid=grid,
+                                  key=keys, grid=grid,
                                   tau=config.tau, config=config.objective)
   auc = objectives.trapezoid_auc(curves, config.objective.fractions)[:, :, 0]  # [B, 2]
   return auc[:, 0] + 1.0 - auc[:, 1]
@@ -104,9 +109,10 @@ def _peak_loss(maps: Array, config: RefineConfig) -> Array:
 def objective(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key: Array,
               config: RefineConfig = RefineConfig()) -> Array:
   """The refinement loss of each image, f32[B]: the mean over the samples of
-  AUC_del + (1 - AUC_ins) of `classes` i32[B], plus the peak penalty of its map."""
+  AUC_del + (1 - AUC_ins) of `classes` i32[B], plus the peak penalty of its map. `key`: one
+  PRNG key, or one per image (keys[B], `refine`)."""
   refs = _references(images, config)
-  keys = jax.random.split(key, config.num_samples)
+  keys = _split(_image_keys(key, images.shape[0]), config.num_samples)
   total = jnp.zeros(images.shape[0], jnp.float32)
   for (grid, ref), k in zip(_samples(config), keys):
     total = total + _sample_loss(apply_fn, images, maps, refs[ref], classes, k, grid, config)
@@ -115,7 +121,7 @@ def objective(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key
 
 def _value_and_grad(apply_fn: ApplyFn, images: Array, classes: Array, config: RefineConfig
                     ) -> Callable[[Array, Array], tuple[Array, Array]]:
-  """(maps, key) -> (`objective` f32[B], its gradient w.r.t. each image's map f32[B, H, W]).
+  """(maps, keys[B]) -> (`objective` f32[B], its gradient w.r.t. each image's map f32[B, H, W]).
 
   One sample's backward pass at a time (a `lax.scan` over the samples of each grid): only one
   sample's target activations are live, not all num_samples' (differentiating the whole
@@ -127,7 +133,7 @@ def _value_and_grad(apply_fn: ApplyFn, images: Array, classes: Array, config: Re
   stacked = jnp.stack([refs[n] for n in names])  # [R, B, H, W, C]
 
   def value_and_grad(maps, key):
-    keys = jax.random.split(key, config.num_samples)
+    keys = _split(key, config.num_samples)
     loss, grads = jnp.zeros(maps.shape[0], jnp.float32), jnp.zeros_like(maps)
     for grid in sorted({g for g, _ in samples}):
       index = np.asarray([i for i, (g, _) in enumerate(samples) if g == grid])
@@ -191,7 +197,7 @@ def _sharded_value_and_grad(apply_fn: ApplyFn, images: Array, classes: Array,
 
     # Each branch differentiates its own sample: the switch itself is never differentiated.
     branches = [functools.partial(sample_value_and_grad, grid=g) for g in grids] + [padding]
-    keys = jax.random.split(key, config.num_samples)
+    keys = _split(key, config.num_samples)
     loss, grads = padding(maps, None, None)
     for slot in range(sample.shape[-1]):
       i, r = sample[0, slot], ref_index[0, slot]
@@ -214,6 +220,11 @@ def _sharded_value_and_grad(apply_fn: ApplyFn, images: Array, classes: Array,
   return value_and_grad
 
 
+def _image_keys(key: Array, batch: int) -> Array:
+  """keys[batch]: `key` itself if it holds one key per image, else split from it by position."""
+  return key if checks.per_image_key(key, batch) else jax.random.split(key, batch)
+
+
 def standardize(maps: Array) -> Array:
   """(h - mean) / std per map (f32[B, H, W]); a constant map becomes zeros."""
   mean = jnp.mean(maps, axis=(1, 2), keepdims=True)
@@ -234,7 +245,10 @@ def refine(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key: A
     images: f32[B, H, W, 3] in [0, 1].
     maps: f32[B, H, W] starting maps, finite (larger = more important).
     classes: i32[B] the explained class of each image.
-    key: a PRNG key (Gumbel noise).
+    key: a PRNG key, or keys[B], one per image (the Gumbel noise). An image's refinement
+      depends only on its own key, so with one key per image (e.g. from its index in the data
+      set) it does not depend on the batch it comes in; one key gives each image
+      `jax.random.split(key, B)[b]` by its position b.
     mesh: spread each step's samples over all of the mesh's devices (module docstring; for
       fewer images than devices); None: the default device.
   """
@@ -245,6 +259,7 @@ def refine(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key: A
   checks.in_range(images, 0.0, 1.0, "images")
   checks.shape(classes, (b,), "classes", f"i32[{b}]")
   checks.integer(classes, "classes")
+  keys = _image_keys(key, b)
   if config.steps == 0:
     return maps, jnp.zeros((0, b), jnp.float32)
   tx = optax.adam(config.learning_rate)
@@ -258,6 +273,5 @@ def refine(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key: A
     updates, opt_state = tx.update(grads, opt_state, m)
     return (optax.apply_updates(m, updates), opt_state), per_image
 
-  (refined, _), losses = jax.lax.scan(step, (start, tx.init(start)),
-                                      jax.random.split(key, config.steps))
+  (refined, _), losses = jax.lax.scan(step, (start, tx.init(start)), _split(keys, config.steps))
   return refined, losses

@@ -78,7 +78,7 @@ def main(argv):
   import jax
   import jax.numpy as jnp
 
-  from l2r_jax import baselines, data, metrics, train
+  from l2r_jax import baselines, data, evaluate, metrics, train
   from l2r_jax.data import sources
 
   config = FLAGS.config
@@ -123,7 +123,9 @@ def main(argv):
                        axis=-1)
       else:
         maps = baselines.attribute(method, target, target.variables, images, classes,
-                                   key=jax.random.fold_in(key, i), options=options)
+                                   key=evaluate.method_key(key, method,
+                                                           jnp.asarray(batch["index"])),
+                                   options=options)
       maps = jax.block_until_ready(maps)
       seconds[method] += time.perf_counter() - t
       for name, scorer in scorers.items():

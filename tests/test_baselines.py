@@ -176,6 +176,44 @@ def test_smoothgrad_noise_follows_the_key_not_the_chunking():
   assert float(jnp.abs(a - plain).max()) > 1e-4  # the noise matters for a quadratic
 
 
+def test_per_image_keys_make_an_images_draw_independent_of_its_batch():
+  """With keys[B], image b's random map and SmoothGrad map are what it gets alone with keys[b];
+  one key is the same as the keys fold_in(key, b) by position. RISE takes one key only."""
+  target, *_ = quadratic()
+  x = images_for((8, 12), batch=3)
+  classes = jnp.asarray([1, 2, 0], jnp.int32)
+  keys = jax.random.split(jax.random.key(5), 3)
+  options = bl.Options(smoothgrad_samples=5, batch_size=4)
+  for method in ("random", "smoothgrad"):
+    batch = bl.attribute(method, target, target.variables, x, classes, key=keys, options=options)
+    for b in range(3):
+      alone = bl.attribute(method, target, target.variables, x[b:b + 1], classes[b:b + 1],
+                           key=keys[b:b + 1], options=options)
+      np.testing.assert_allclose(np.asarray(batch[b]), np.asarray(alone[0]), rtol=1e-6,
+                                 atol=1e-7, err_msg=f"{method} image {b}")
+    assert float(jnp.abs(batch[0] - batch[1]).max()) > 1e-4, method  # different keys, draws
+    key = jax.random.key(9)
+    one = bl.attribute(method, target, target.variables, x, classes, key=key, options=options)
+    folded = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(3))
+    np.testing.assert_array_equal(
+        np.asarray(one), np.asarray(bl.attribute(method, target, target.variables, x, classes,
+                                                 key=folded, options=options)))
+  u = bl.attribute("random", target, target.variables, x, classes, key=keys)
+  np.testing.assert_array_equal(np.asarray(u[2]),
+                                np.asarray(jax.random.uniform(keys[2], (8, 12), jnp.float32)))
+  with pytest.raises(ValueError, match="'rise' shares one set of masks"):
+    bl.attribute("rise", target, target.variables, x, classes, key=keys, options=SMALL)
+  with pytest.raises(ValueError, match=r"one PRNG key or one per image \(keys\[3\]\)"):
+    bl.attribute("random", target, target.variables, x, classes, key=keys[:2])
+  with pytest.raises(ValueError, match="must be a PRNG key"):
+    bl.attribute("random", target, target.variables, x, classes, key=jnp.zeros(3))
+  raw = jax.random.PRNGKey(3)  # a raw uint32[2] key is one key, uint32[B, 2] one per image
+  np.testing.assert_array_equal(
+      np.asarray(bl.attribute("random", target, target.variables, x, classes,
+                              key=jnp.stack([raw] * 3))[1]),
+      np.asarray(jax.random.uniform(raw, (8, 12), jnp.float32)))
+
+
 def test_smoothgrad_converges_to_its_expectation():
   # E over e ~ N(0, sigma^2) of max_m |d logit_c / d x_m (x + e)|, by float64 Monte Carlo.
   target, w, v = quadratic(seed=6)

@@ -224,15 +224,24 @@ def test_compare_runs_pairs_the_same_images(run, capsys):
     compare_runs.compare(base, base, "l2r", "gradient")
 
 
-def test_a_methods_random_draw_does_not_depend_on_the_other_methods(run):
-  """random and l2r_refined (Gumbel noise) score the same alone as beside the other methods:
-  their keys follow the method's name, not its place in --methods."""
+def test_a_methods_random_draw_does_not_depend_on_the_other_methods_or_the_batch(run):
+  """The stochastic methods score the same alone as beside the other methods (their keys follow
+  the method's name, not its place in --methods), and in batches of 4 as of 8 (each image's key
+  follows its index in the evaluated set; RISE's one mask set is shared by all images)."""
+  from l2r_jax import baselines
   workdir, results = run
-  alone = evaluate.evaluate(workdir, methods=("l2r_refined", "random"),
-                            protocol_names=("paper",), batch_size=8, refine_steps=2,
-                            refine_samples=2, write=False, verbose=False)
-  for method in ("random", "l2r_refined"):
+  stochastic = ("l2r_refined", "random", "smoothgrad", "rise")
+  options = baselines.Options(smoothgrad_samples=4, rise_masks=16, rise_grid=2, batch_size=16)
+  by_batch = {b: evaluate.evaluate(workdir, methods=stochastic, protocol_names=("paper",),
+                                   batch_size=b, refine_steps=2, refine_samples=2,
+                                   baseline_options=options, write=False, verbose=False)
+              for b in (4, 8)}
+  for method in stochastic:
     for k in ("deletion", "insertion"):
-      np.testing.assert_allclose(alone["methods"][method]["paper"][k]["mean"],
-                                 results["methods"][method]["paper"][k]["mean"], rtol=1e-5,
-                                 atol=1e-6, err_msg=f"{method} {k}")
+      np.testing.assert_allclose(by_batch[4]["methods"][method]["paper"][k]["mean"],
+                                 by_batch[8]["methods"][method]["paper"][k]["mean"], rtol=1e-5,
+                                 atol=1e-6, err_msg=f"{method} {k}: batch 4 against 8")
+      if method in results["methods"]:
+        np.testing.assert_allclose(by_batch[8]["methods"][method]["paper"][k]["mean"],
+                                   results["methods"][method]["paper"][k]["mean"], rtol=1e-5,
+                                   atol=1e-6, err_msg=f"{method} {k}: alone against beside")

@@ -1,5 +1,7 @@
 """Test-time refinement: off at 0 steps, lowers the objective and the hard deletion AUC on an
 analytic target whose evidence is known, and checks its inputs."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +57,24 @@ def test_refinement_finds_the_evidence():
   top = np.asarray(out).reshape(2, -1).argsort(axis=1)[:, ::-1][:, :H * W // 4]
   in_quadrant = ((top // W) < 8) & ((top % W) < 8)
   assert in_quadrant.mean() > 0.8
+
+
+def test_an_images_refinement_follows_its_own_key_only():
+  """keys[B]: each image refines to what it refines to alone with its key (the batch does not
+  matter); one key is keys = split(key, B) by position."""
+  images, maps, classes = _setup()
+  config = dataclasses.replace(CONFIG, steps=3)
+  run = jax.jit(lambda i, m, c, k: refine.refine(quadrant_target, i, m, c, k, config)[0])
+  keys = jax.random.split(jax.random.key(4), 2)
+  both = run(images, maps, classes, keys)
+  for b in range(2):
+    alone = run(images[b:b + 1], maps[b:b + 1], classes[b:b + 1], keys[b:b + 1])
+    np.testing.assert_allclose(np.asarray(both[b]), np.asarray(alone[0]), rtol=1e-5, atol=1e-5)
+  swapped = run(images, maps, classes, keys[::-1])
+  assert float(jnp.abs(swapped[0] - both[0]).max()) > 1e-3  # the key drives the noise
+  np.testing.assert_array_equal(np.asarray(run(images, maps, classes, jax.random.key(7))),
+                                np.asarray(run(images, maps, classes,
+                                               jax.random.split(jax.random.key(7), 2))))
 
 
 def test_standardize_keeps_the_ranking():

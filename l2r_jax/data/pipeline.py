@@ -131,7 +131,7 @@ def _load(plan_item: tuple[int, int, bool], *, source, preprocess: Preprocess,
     raise ValueError(f"preprocess must return f32[H, W, 3] in [0, 1], got {pixels.dtype} "
                      f"{pixels.shape} for {item['id']!r}")
   return {"image": pixels.astype(np.float32, copy=False), "label": np.int32(item["label"]),
-          "id": item["id"] if real else "", "mask": np.bool_(real)}
+          "id": item["id"] if real else "", "index": np.int32(index), "mask": np.bool_(real)}
 
 
 def _stack(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -142,6 +142,7 @@ def _stack(examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {"image": np.stack([e["image"] for e in examples]),
           "label": np.array([e["label"] for e in examples], np.int32),
           "id": np.array([e["id"] for e in examples], dtype=object),
+          "index": np.array([e["index"] for e in examples], np.int32),
           "mask": np.array([e["mask"] for e in examples], bool)}
 
 
@@ -150,7 +151,9 @@ class Batches:
   """An iterable over this process's batches; `len()` is the number of batches when finite.
 
   Each batch: image f32[b, H, W, 3] in [0, 1], label i32[b], id object[b] (str; '' for padding),
-  mask bool[b] (False for padding), b = batch_size // process_count.
+  index i32[b] (the example's index in the source, whatever the batch size, shuffle or process;
+  padding repeats a real example's), mask bool[b] (False for padding), b = batch_size //
+  process_count.
   """
   dataset: Any  # a grain IterDataset
   batches_per_epoch: int

@@ -390,6 +390,7 @@ def _method_seed(method: str) -> int:
   return zlib.crc32(method.encode()) & 0x7FFFFFFF
 
 
+@functools.partial(jax.jit, static_argnums=1)  # jitted: `index` may span processes
 def method_key(key: Array, method: str, index: Array) -> Array:
   """The PRNG key(s) of `method` for the images of a batch (their indices i32[B] in the
   evaluated set): RISE one key for the whole evaluation (its masks are shared by every image, as

@@ -140,12 +140,13 @@ def attribute(method: str, target: base.Target, variables: base.Variables, image
   images, classes = _check_inputs(target, images, classes)
   if method in STOCHASTIC and key is None:
     raise ValueError(f"method {method!r} draws random numbers: pass key=jax.random.key(seed)")
-  if method in STOCHASTIC and checks.per_image_key(key, images.shape[0]):
-    if method == "rise":
-      raise ValueError("method 'rise' shares one set of masks between all images: pass one key, "
-                       "not one per image")
-  elif method in ("random", "smoothgrad"):  # one key: a key per image from it, by position
-    key = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(images.shape[0]))
+  if method in STOCHASTIC:
+    if checks.per_image_key(key, images.shape[0]):
+      if method == "rise":
+        raise ValueError("method 'rise' shares one set of masks between all images: pass one "
+                         "key, not one per image")
+    elif method != "rise":  # one key: a key per image from it, by position
+      key = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(images.shape[0]))
   if method == "random":
     return jax.vmap(lambda k: jax.random.uniform(k, images.shape[1:3], jnp.float32))(key)
   static = _static(target)

@@ -110,12 +110,12 @@ def per_image_key(key: Any, batch: int, name: str = "key") -> bool:
 
   Both a typed key (jax.random.key) and a raw uint32[2] one (jax.random.PRNGKey) are accepted.
   """
-  shape = tuple(np.shape(key))
-  typed = jnp.issubdtype(getattr(key, "dtype", np.float32), jax.dtypes.prng_key)
-  if not typed and (not shape or shape[-1] != 2
-                    or not jnp.issubdtype(getattr(key, "dtype", np.float32), jnp.unsignedinteger)):
+  shape, dtype = tuple(np.shape(key)), getattr(key, "dtype", None)
+  typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+  if not typed and (not shape or shape[-1] != 2 or dtype is None
+                    or not jnp.issubdtype(dtype, jnp.unsignedinteger)):
     raise ValueError(f"{name} must be a PRNG key (jax.random.key(seed)) or one per image, got "
-                     f"{getattr(key, 'dtype', type(key).__name__)} of shape {shape}")
+                     f"{dtype or type(key).__name__} of shape {shape}")
   batch_shape = shape if typed else shape[:-1]
   if batch_shape not in ((), (batch,)):
     raise ValueError(f"{name} must be one PRNG key or one per image (keys[{batch}]), got keys "

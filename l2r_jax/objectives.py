@@ -136,7 +136,7 @@ def soft_sweep_masks(maps: Array,
   # One key, or one per image (keys[B]); each splits into deletion and insertion noise.
   if key is None:
     keys = (None, None)
-  elif jnp.ndim(key) == 0:
+  elif not checks.per_image_key(key, maps.shape[0]):
     keys = tuple(jax.random.split(key))
   else:
     keys = tuple(jax.vmap(jax.random.split)(key).swapaxes(0, 1))

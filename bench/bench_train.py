@@ -88,9 +88,7 @@ def measure(name: str, batch: int | None, repeats: int, trace: str | None = None
   grids = sorted(config.grids)
   grid = grids[len(grids) // 2]
   mesh = train.data_mesh(jax.local_devices())
-  model = train.explainer_lib.Explainer(width=config.explainer.width,
-                                        conditioning=config.explainer.conditioning,
-                                        num_classes=target.num_classes)
+  model = train.build_explainer(config, target)
   tx = train.make_optimizer(train.learning_rate_fn(config.learning_rate, config.total_steps))
   h, w = target.input_size
   images = jax.random.uniform(jax.random.key(0), (batch, h, w, 3))

@@ -45,6 +45,10 @@ def base() -> ml_collections.ConfigDict:
   c.explainer = ml_collections.ConfigDict()
   c.explainer.width = 64
   c.explainer.conditioning = "head"  # or 'embedding' (the paper's learned table)
+  # The target's class evidence map (CAM: its 'spatial' features . the class's head row) as an
+  # input of every decoder stage and the map's starting point (explainer.Explainer); not the
+  # paper's.
+  c.explainer.class_evidence = False
   c.explainer.backbone = ""  # '': the target's own frozen features; else a registered target
   c.explainer.backbone_weights = ""  # the backbone's weights file
 

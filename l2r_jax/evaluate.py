@@ -117,9 +117,7 @@ def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
                        f"for; rerun train.py in it (it trains and caches the target)")
   target = train.build_target(config, workdir, log=lambda _: None)
   backbone = train.build_backbone(config)
-  model = explainer_lib.Explainer(width=config.explainer.width,
-                                  conditioning=config.explainer.conditioning,
-                                  num_classes=target.num_classes)
+  model = train.build_explainer(config, target)
   h, w = target.input_size
   tx = train.make_optimizer(train.learning_rate_fn(config.learning_rate, config.total_steps,
                                                    config.warmup_fraction),

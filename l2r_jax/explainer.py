@@ -8,6 +8,13 @@ input's full resolution (METHOD.md, "Explainer"). Differences from the authors' 
   exists for every class the target knows, so classes never seen in training are still
   conditioned meaningfully; the paper's learned table (Embedding(classes, d)) is the option
   conditioning='embedding'.
+- Class evidence (option class_evidence, off by default): the target's own class evidence map,
+  CAM = spatial features . head row of the class (for a head that average-pools the 'spatial'
+  map, its mean over positions is the class logit minus the bias), standardised per image, enters
+  every stage through a 1 x 1 projection and is added, upsampled and scaled by a learned scalar
+  (1 at init), to the output map: the decoder starts at the target's CAM and learns a
+  correction. Additive conditioning (below) cannot form this feature-by-class product itself,
+  and the EfficientNet levels do not even include the map the head reads.
 The authors concatenate the class vector to every stage's tokens and project; a 1x1 projection of
 [features; c] equals proj(features) + proj(c), which is what `Stage` computes.
 """
@@ -46,15 +53,39 @@ class ResidualConvUnit(nn.Module):
 
 
 class Stage(nn.Module):
-  """One backbone level, class-conditioned: proj(features) + proj(class vector)."""
+  """One backbone level, class-conditioned: proj(features) + proj(class vector)
+  [+ proj(class evidence map resized to the level)]."""
   width: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, features: Array, condition: Array) -> Array:
+  def __call__(self, features: Array, condition: Array, evidence: Array | None = None) -> Array:
     x = nn.Conv(self.width, (1, 1), dtype=self.dtype, name="features")(features)
     c = nn.Dense(self.width, dtype=self.dtype, name="condition")(condition)
-    return x + c[:, None, None, :]
+    x = x + c[:, None, None, :]
+    if evidence is not None:
+      e = resize(evidence[..., None], features.shape[1:3]).astype(self.dtype)
+      x = x + nn.Conv(self.width, (1, 1), dtype=self.dtype, name="evidence")(e)
+    return x
+
+
+def class_evidence(spatial: Array, class_vectors: Array) -> Array:
+  """The class evidence map (CAM) f32[B, h, w] = spatial . class vector, standardised per image
+  (zero mean, unit standard deviation over positions; a constant map stays zero).
+
+  Args:
+    spatial: the target's 'spatial' features f[B, h, w, D] (the map its head pools).
+    class_vectors: f32[B, D], the head rows of the explained classes.
+  """
+  checks.rank(spatial, 4, "spatial", "f[B, h, w, D]")
+  b, _, _, d = spatial.shape
+  checks.shape(class_vectors, (b, d), "class_vectors",
+               f"f32[{b}, {d}] (one head row per image, as wide as the 'spatial' features)")
+  cam = jnp.einsum("bhwd,bd->bhw", spatial.astype(jnp.float32),
+                   class_vectors.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  cam = cam - jnp.mean(cam, axis=(1, 2), keepdims=True)
+  std = jnp.sqrt(jnp.mean(jnp.square(cam), axis=(1, 2), keepdims=True))
+  return cam / jnp.maximum(std, 1e-6)
 
 
 class Explainer(nn.Module):
@@ -66,16 +97,20 @@ class Explainer(nn.Module):
     conditioning: 'head' (project the target's head row of the class, default) or 'embedding'
       (a learned table over `num_classes`, the paper's).
     num_classes: needed for conditioning='embedding'.
+    class_evidence: take the target's class evidence map (`class_evidence`) as an input of every
+      stage and as the output's starting point (see the module docstring).
     dtype: computation dtype; parameters and the output map are float32.
   """
   width: int = 64
   conditioning: str = "head"
   num_classes: int | None = None
+  class_evidence: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, levels: Sequence[Array], image_size: tuple[int, int],
-               class_vectors: Array | None = None, classes: Array | None = None) -> Array:
+               class_vectors: Array | None = None, classes: Array | None = None,
+               evidence: Array | None = None) -> Array:
     """Maps f32[B, H, W] for `image_size` (H, W).
 
     Args:
@@ -83,6 +118,7 @@ class Explainer(nn.Module):
       image_size: (H, W) of the output map (the input image's size), static.
       class_vectors: f32[B, D] head rows of the explained classes (conditioning='head').
       classes: i32[B] explained classes (conditioning='embedding').
+      evidence: f32[B, h, w] class evidence maps (class_evidence=True), any h, w.
     """
     checks.choice(self.conditioning, CONDITIONINGS, "conditioning")
     if not levels:
@@ -103,7 +139,16 @@ class Explainer(nn.Module):
       condition = nn.Embed(self.num_classes, self.width, dtype=self.dtype, name="embedding")(
           classes)
 
-    xs = [Stage(self.width, self.dtype, name=f"stage{i}")(level.astype(self.dtype), condition)
+    if self.class_evidence:
+      if evidence is None:
+        raise ValueError("class_evidence=True needs evidence f32[B, h, w] (explainer."
+                         "class_evidence of the target's 'spatial' map and head rows)")
+      checks.shape(evidence, (b, None, None), "evidence", f"f32[{b}, h, w]")
+      evidence = evidence.astype(jnp.float32)
+    elif evidence is not None:
+      raise ValueError("evidence given to an explainer built with class_evidence=False")
+    xs = [Stage(self.width, self.dtype, name=f"stage{i}")(level.astype(self.dtype), condition,
+                                                          evidence)
           for i, level in enumerate(levels)]
     # A ViT gives every level on one grid: reassemble them into a pyramid (DPT: x4, x2, x1, x0.5
     # for four levels). A CNN's levels already form one.
@@ -121,19 +166,37 @@ class Explainer(nn.Module):
     half = max(1, self.width // 2)
     y = nn.relu(nn.Conv(half, (3, 3), padding=1, dtype=self.dtype, name="refine0")(y))
     y = nn.relu(nn.Conv(half, (3, 3), padding=1, dtype=self.dtype, name="refine1")(y))
-    y = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype, name="out")(y)
-    return y[..., 0].astype(jnp.float32)
+    y = nn.Conv(1, (3, 3), padding=1, dtype=self.dtype, name="out")(y)[..., 0].astype(jnp.float32)
+    if self.class_evidence:
+      scale = self.param("evidence_scale", nn.initializers.ones, (), jnp.float32)
+      y = y + scale * resize(evidence[..., None], tuple(image_size))[..., 0]
+    return y
 
 
-def backbone_levels(backbone: Any, backbone_variables: Any, images: Array) -> list[Array]:
-  """The frozen multi-level features of `backbone` (any Target) for [0, 1] images, resized to the
-  backbone's input size when it differs from the images' (e.g. a 224 px backbone explaining a
-  32 px target)."""
-  size = tuple(backbone.input_size)
+def _features(model: Any, variables: Any, images: Array) -> dict[str, Any]:
+  """The frozen features of `model` (any Target) for [0, 1] images, resized to its input size when
+  it differs from the images' (e.g. a 224 px backbone explaining a 32 px target)."""
+  size = tuple(model.input_size)
   if tuple(images.shape[1:3]) != size:
     images = jax.image.resize(images, (images.shape[0], *size, images.shape[-1]), "bilinear")
     images = jnp.clip(images, 0.0, 1.0)
-  return jax.lax.stop_gradient(backbone.features(backbone_variables, images)["levels"])
+  return jax.lax.stop_gradient(model.features(variables, images))
+
+
+def _inputs(explainer: Explainer, target: Any, target_variables: Any, images: Array,
+            classes: Array, backbone: Any, backbone_variables: Any) -> dict[str, Any]:
+  """The explainer's inputs besides image_size: levels, class vectors, classes, evidence."""
+  if backbone is None:
+    backbone, backbone_variables = target, target_variables
+  feats = _features(backbone, backbone_variables, images)
+  rows = jax.lax.stop_gradient(target.head(target_variables)[0])
+  vectors = jnp.take(rows, classes, axis=0)
+  evidence = None
+  if explainer.class_evidence:
+    spatial = (feats if backbone is target else
+               _features(target, target_variables, images))["spatial"]
+    evidence = class_evidence(spatial, vectors)
+  return dict(levels=feats["levels"], class_vectors=vectors, classes=classes, evidence=evidence)
 
 
 def explain(explainer: Explainer, params: Any, target: Any, target_variables: Any,
@@ -142,18 +205,16 @@ def explain(explainer: Explainer, params: Any, target: Any, target_variables: An
   """Attribution maps f32[B, H, W] of `classes` i32[B] for [0, 1] images f32[B, H, W, 3].
 
   The features come from `backbone` (a Target with its own variables; default: the target's own
-  levels), the class vectors from the target's head. Both enter behind stop_gradient: gradients
-  reach the decoder only, whatever the caller differentiates.
+  levels), the class vectors (and with class_evidence, the evidence map) from the target. All
+  enter behind stop_gradient: gradients reach the decoder only, whatever the caller
+  differentiates.
   """
   checks.rank(images, 4, "images", "f32[B, H, W, 3]")
   checks.shape(classes, (images.shape[0],), "classes", f"i32[{images.shape[0]}]")
   checks.integer(classes, "classes")
-  if backbone is None:
-    backbone, backbone_variables = target, target_variables
-  levels = backbone_levels(backbone, backbone_variables, images)
-  rows = jax.lax.stop_gradient(target.head(target_variables)[0])
-  return explainer.apply(params, levels, tuple(images.shape[1:3]),
-                         class_vectors=jnp.take(rows, classes, axis=0), classes=classes)
+  inputs = _inputs(explainer, target, target_variables, images, classes, backbone,
+                   backbone_variables)
+  return explainer.apply(params, image_size=tuple(images.shape[1:3]), **inputs)
 
 
 def init(explainer: Explainer, rng: Array, target: Any, target_variables: Any,
@@ -161,9 +222,6 @@ def init(explainer: Explainer, rng: Array, target: Any, target_variables: Any,
          backbone_variables: Any = None) -> Any:
   """The explainer's initial params for `target` (and `backbone`, default the target) on example
   images and classes."""
-  if backbone is None:
-    backbone, backbone_variables = target, target_variables
-  levels = backbone_levels(backbone, backbone_variables, images)
-  rows = target.head(target_variables)[0]
-  return explainer.init(rng, levels, tuple(images.shape[1:3]),
-                        class_vectors=jnp.take(rows, classes, axis=0), classes=classes)
+  inputs = _inputs(explainer, target, target_variables, images, classes, backbone,
+                   backbone_variables)
+  return explainer.init(rng, image_size=tuple(images.shape[1:3]), **inputs)

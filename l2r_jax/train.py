@@ -251,7 +251,7 @@ def load_explainer_params(path: str, template: Any, what: str | None = None) -> 
       for a, b in zip(jax.tree.leaves(state_dict), jax.tree.leaves(want))))
   if mismatch:
     raise ValueError(f"{what}: its explainer does not fit this config's "
-                     f"(explainer width, conditioning, target): expected params "
+                     f"(explainer width, conditioning, class_evidence, target): expected params "
                      f"{jax.tree.map(np.shape, want)}, the file holds "
                      f"{jax.tree.map(np.shape, state_dict)}")
   return jax.tree.map(lambda x, t: jnp.asarray(x, t.dtype),
@@ -275,6 +275,16 @@ def build_backbone(config: Any) -> Any:
     return None
   return targets.create(name, config.explainer.backbone_weights or None,
                         dtype=DTYPES[config.target.dtype])
+
+
+def build_explainer(config: Any, target: Any) -> explainer_lib.Explainer:
+  """The explainer of config.explainer for `target` (configs written before an option existed
+  get its old behaviour)."""
+  return explainer_lib.Explainer(width=config.explainer.width,
+                                 conditioning=config.explainer.conditioning,
+                                 num_classes=target.num_classes,
+                                 class_evidence=bool(config.explainer.get("class_evidence",
+                                                                          False)))
 
 
 PREPROCESSINGS = ("target", "resize")
@@ -441,9 +451,7 @@ def train_and_evaluate(config: Any, workdir: str, stop_at: int | None = None) ->
   target = build_target(config, workdir, log)
   backbone = build_backbone(config)
   mesh = data_mesh()
-  model = explainer_lib.Explainer(width=config.explainer.width,
-                                  conditioning=config.explainer.conditioning,
-                                  num_classes=target.num_classes)
+  model = build_explainer(config, target)
   tx = make_optimizer(learning_rate_fn(config.learning_rate, config.total_steps,
                                        config.warmup_fraction),
                       config.weight_decay, config.clip_norm)

@@ -1,19 +1,24 @@
-"""The explainer decoder: shapes on ViT and CNN backbones, frozen target, class conditioning."""
+"""The explainer decoder: shapes on ViT and CNN backbones, frozen target, class conditioning,
+the class evidence input against a float64 NumPy reference."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from l2r_jax import explainer as ex
 from l2r_jax import targets
 
 
-@pytest.fixture(scope="module", params=["vit_tiny_p4_28", "cifar_resnet"])
+@pytest.fixture(scope="module", params=[("vit_tiny_p4_28", False), ("cifar_resnet", False),
+                                        ("vit_tiny_p4_28", True), ("cifar_resnet", True)],
+                ids=["vit", "resnet", "vit-evidence", "resnet-evidence"])
 def setup(request):
-  target = targets.create(request.param, random_init=True)
+  name, evidence = request.param
+  target = targets.create(name, random_init=True)
   h, w = target.input_size
   images = jax.random.uniform(jax.random.key(0), (2, h, w, 3))
   classes = jnp.asarray([1, 7], jnp.int32)
-  model = ex.Explainer(width=16)
+  model = ex.Explainer(width=16, class_evidence=evidence)
   params = ex.init(model, jax.random.key(1), target, target.variables, images, classes)
   return target, images, classes, model, params
 
@@ -93,3 +98,64 @@ def test_a_separate_backbone_feeds_the_decoder():
   g_params, g_backbone = jax.grad(loss, argnums=(0, 1))(params, backbone.variables)
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_params)) > 0
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_backbone))
+
+
+def _cam_reference(spatial, rows, classes):
+  """float64 NumPy: spatial . row of the class, standardised over positions per image."""
+  spatial = np.asarray(spatial, np.float64)
+  rows = np.asarray(rows, np.float64)[np.asarray(classes)]
+  cam = np.stack([spatial[i] @ rows[i] for i in range(len(rows))])
+  cam -= cam.mean(axis=(1, 2), keepdims=True)
+  return cam / cam.std(axis=(1, 2), keepdims=True)
+
+
+def test_class_evidence_is_the_targets_standardised_cam():
+  target = targets.create("cifar_resnet", random_init=True)
+  images = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
+  classes = jnp.asarray([0, 4, 9], jnp.int32)
+  feats = target.features(target.variables, images)
+  rows, bias = target.head(target.variables)
+  # 'spatial' is what the head average-pools: its CAM's mean over positions is the class logit.
+  spatial = np.asarray(feats["spatial"], np.float64)
+  logits = spatial.mean(axis=(1, 2)) @ np.asarray(rows, np.float64).T + np.asarray(bias)
+  np.testing.assert_allclose(logits, feats["logits"], rtol=1e-4, atol=1e-4)
+  got = ex.class_evidence(feats["spatial"], jnp.take(rows, classes, axis=0))
+  want = _cam_reference(feats["spatial"], rows, classes)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # With the decoder's own output zeroed and the map at the evidence's size, the explainer's map
+  # is exactly evidence_scale (1 at init) x the evidence.
+  model = ex.Explainer(width=8, class_evidence=True)
+  levels = feats["levels"]
+  vectors = jnp.take(rows, classes, axis=0)
+  params = model.init(jax.random.key(1), levels, (8, 8), class_vectors=vectors, evidence=got)
+  out = params["params"]["out"]
+  params["params"]["out"] = jax.tree.map(jnp.zeros_like, out)
+  assert float(params["params"]["evidence_scale"]) == 1.0
+  maps = model.apply(params, levels, (8, 8), class_vectors=vectors, evidence=got)
+  np.testing.assert_allclose(maps, want, rtol=1e-4, atol=1e-4)
+  # ... and explain() at the input size is that map upsampled: its pixel ranking follows the CAM.
+  full = ex.explain(model, params, target, target.variables, images, classes)
+  assert full.shape == (3, 32, 32)
+  pooled = np.asarray(full).reshape(3, 8, 4, 8, 4).mean(axis=(2, 4))
+  for i in range(3):
+    assert np.corrcoef(pooled[i].ravel(), want[i].ravel())[0, 1] > 0.9
+
+
+def test_class_evidence_bad_input():
+  levels = [jnp.zeros((2, 7, 7, 4))]
+  vectors = jnp.zeros((2, 5))
+  with pytest.raises(ValueError, match="class_evidence=True needs evidence"):
+    ex.Explainer(width=8, class_evidence=True).init(jax.random.key(0), levels, (28, 28),
+                                                    class_vectors=vectors)
+  with pytest.raises(ValueError, match="evidence must have shape f32\\[2, h, w\\]"):
+    ex.Explainer(width=8, class_evidence=True).init(jax.random.key(0), levels, (28, 28),
+                                                    class_vectors=vectors,
+                                                    evidence=jnp.zeros((3, 7, 7)))
+  with pytest.raises(ValueError, match="class_evidence=False"):
+    ex.Explainer(width=8).init(jax.random.key(0), levels, (28, 28), class_vectors=vectors,
+                               evidence=jnp.zeros((2, 7, 7)))
+  with pytest.raises(ValueError, match="class_vectors must have shape f32\\[2, 4\\]"):
+    ex.class_evidence(jnp.zeros((2, 7, 7, 4)), jnp.zeros((2, 5)))
+  # A constant map has no evidence anywhere: zeros, not NaN.
+  flat = ex.class_evidence(jnp.ones((1, 3, 3, 2)), jnp.ones((1, 2)))
+  assert float(jnp.abs(flat).max()) == 0.0

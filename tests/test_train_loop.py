@@ -204,15 +204,24 @@ def _shared(*parts):
   return os.path.abspath(path)
 
 
-def test_cifar_resnet_smoke_run_with_real_weights(tmp_path):
+@pytest.mark.parametrize("class_evidence", [False, True])
+def test_cifar_resnet_smoke_run_with_real_weights(tmp_path, class_evidence):
   from configs import resnet
+  from l2r_jax import evaluate
   config = resnet.get_config("cifar10_smoke")
   config.target.weights = _shared("weights", "uva_cifar10_resnet.msgpack")
   config.data.root = _shared("data", "cifar10_test_8k.npz")
+  config.explainer.class_evidence = class_evidence
   result = train.train_and_evaluate(config, str(tmp_path))
   assert int(result["state"].step) == config.total_steps
   assert result["eval"]["n"] == 16
   assert not os.path.exists(os.path.join(tmp_path, "target.msgpack"))  # nothing trained
+  # evaluate.py rebuilds the same explainer from the workdir's config.json and restores its params.
+  _, _, model, params, _ = evaluate.load_run(str(tmp_path))
+  assert model.class_evidence == class_evidence
+  assert ("evidence_scale" in params["params"]) == class_evidence
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(result["state"].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_efficientnet_needs_a_data_root(tmp_path):

@@ -23,6 +23,11 @@ colour channel:
                                norm1 token grid), up = bilinear resize to H x W with half-pixel
                                centres (cv2.resize, as pytorch-grad-cam). Not min-max normalised:
                                pytorch-grad-cam's map is this one scaled and shifted per image.
+  cam                          up(sum_k r_k A_k), r the head row of class c (Zhou et al. 2016's class
+                               activation map, no relu): the class evidence the explainer's
+                               class_evidence option starts from. For a head that average-pools
+                               A (the CNNs), the mean of sum_k r_k A_k over h, w is f_c minus the
+                               bias, and Grad-CAM is up(relu(.)) / (h w) of the same map.
   rollout                      ViTs only (Abnar & Zuidema 2020): R = prod_l normrows(0.5 I +
                                0.5 mean_heads(A_l)) from the last layer on the left, the class
                                token's row over the patches as the grid, upsampled as Grad-CAM.
@@ -57,7 +62,7 @@ from l2r_jax.targets import base
 Array = jax.Array
 
 METHODS = ("random", "gradient", "gradient_x_input", "integrated_gradients",
-           "integrated_gradients_signed", "smoothgrad", "gradcam", "rollout", "rise")
+           "integrated_gradients_signed", "smoothgrad", "gradcam", "cam", "rollout", "rise")
 # Methods that draw random numbers and so need a key.
 STOCHASTIC = ("random", "smoothgrad", "rise")
 # Quadrature rules of integrated gradients over alpha in [0, 1] (captum's names; captum's
@@ -162,6 +167,8 @@ def attribute(method: str, target: base.Target, variables: base.Variables, image
     return _smoothgrad_kernel(static, options, variables, images, classes, key)
   if method == "gradcam":
     return _gradcam_kernel(static, variables, images, classes)
+  if method == "cam":
+    return _cam_kernel(static, variables, images, classes)
   if method == "rollout":
     return _rollout_kernel(static, options, variables, images)
   return _rise_kernel(static, options, variables, images, classes, key)
@@ -409,6 +416,19 @@ def _gradcam_kernel(target, variables, images, classes):
   weights = jnp.mean(grads.astype(jnp.float32), axis=(1, 2))  # [B, K]
   cam = jnp.einsum("bhwk,bk->bhw", spatial.astype(jnp.float32), weights, precision=_HIGHEST)
   return _upsample(jax.nn.relu(cam), images.shape[1:3])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cam_kernel(target, variables, images, classes):
+  spatial = target.features(variables, images)["spatial"]
+  rows = target.head(variables)[0]
+  if rows.shape[1] != spatial.shape[-1]:
+    raise ValueError(f"CAM needs a head that reads the 'spatial' map's channels: target "
+                     f"{target.name!r}'s head rows have width {rows.shape[1]}, its 'spatial' map "
+                     f"{spatial.shape[-1]} channels")
+  cam = jnp.einsum("bhwk,bk->bhw", spatial.astype(jnp.float32),
+                   jnp.take(rows, classes, axis=0).astype(jnp.float32), precision=_HIGHEST)
+  return _upsample(cam, images.shape[1:3])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

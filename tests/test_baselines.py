@@ -63,6 +63,28 @@ class LinearInSpatial(nn.Module):
     return self.features(z)["logits"]
 
 
+class PooledLinear(nn.Module):
+  """LinearInSpatial with a CNN's head: logits = a Dense 'head' (kernel u f[K, classes]) on the
+  mean over h, w of A."""
+  num_classes: int = 3
+  channels: int = 5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def features(self, z):
+    b, h, w, _ = z.shape
+    pooled = jnp.mean(jnp.reshape(z, (b, h // 4, 4, w // 4, 4, 3)), axis=(2, 4))
+    p = self.param("p", nn.initializers.zeros, (3, self.channels))
+    a = jnp.tanh(jnp.einsum("bhwm,mk->bhwk", pooled, p, precision="highest"))
+    if not self.is_initializing():
+      a = self.perturb("spatial", a)
+    logits = nn.Dense(self.num_classes, precision="highest", name="head")(jnp.mean(a, (1, 2)))
+    return {"logits": logits, "levels": [a], "spatial": a}
+
+  def __call__(self, z):
+    return self.features(z)["logits"]
+
+
 class Quadrant(nn.Module):
   """Two classes: logits = [gain * (q - q0), 0], q the mean of the bottom-left quadrant (a Dense
   'head' with kernel [[gain, 0]] and bias [-gain * q0, 0] on q)."""
@@ -450,6 +472,44 @@ def test_rise_is_larger_in_the_quadrant_the_score_reads():
   assert m[10:, :8].min() > m[:4, 16:].max(), "the quadrant's core must beat the far corner"
   row, col = np.unravel_index(m.argmax(), m.shape)
   assert row >= 8 and col < 12, (row, col)
+
+
+def test_cam_is_the_head_rows_map_and_gradcam_its_relu_for_a_pooling_head():
+  rng = np.random.default_rng(6)
+  size, k, classes_n = (16, 24), 5, 3  # a 4 x 6 spatial grid
+  p, u = f32(rng.standard_normal((3, k))), f32(rng.standard_normal((k, classes_n)))
+  bias = f32(rng.standard_normal(classes_n))
+  params = {"p": p.astype(np.float32),
+            "head": {"kernel": u.astype(np.float32), "bias": bias.astype(np.float32)}}
+  target = make_target(PooledLinear(), params, size)
+  x = images_for(size)
+  classes = jnp.asarray([2, 0], jnp.int32)
+  cam = bl.attribute("cam", target, target.variables, x, classes)
+  gradcam = bl.attribute("gradcam", target, target.variables, x, classes)
+  assert cam.shape == (2, 16, 24) and cam.dtype == jnp.float32
+
+  z = (np.asarray(x, np.float64) - np.asarray(MEAN)) / np.asarray(STD)
+  a = np.tanh(z.reshape(2, 4, 4, 6, 4, 3).mean(axis=(2, 4)) @ p)  # [B, 4, 6, K]
+  low = np.stack([a[i] @ u[:, c] for i, c in enumerate(np.asarray(classes))])  # [B, 4, 6]
+  # Its mean over positions is the class logit minus the bias.
+  logits = np.asarray(target.apply(target.variables, x), np.float64)
+  np.testing.assert_allclose(low.mean(axis=(1, 2)) + bias[np.asarray(classes)],
+                             logits[[0, 1], np.asarray(classes)], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(cam), numpy_upsample(low, size), rtol=1e-5, atol=1e-5)
+  assert low.min() < 0 < low.max()  # so Grad-CAM's relu bites
+  np.testing.assert_allclose(np.asarray(gradcam), numpy_upsample(np.maximum(low, 0), size) / 24,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_cam_needs_a_head_on_the_spatial_channels():
+  rng = np.random.default_rng(5)
+  params = {"p": rng.standard_normal((3, 5)).astype(np.float32),
+            "head": {"kernel": rng.standard_normal((120, 3)).astype(np.float32),
+                     "bias": np.zeros(3, np.float32)}}
+  target = make_target(LinearInSpatial(), params, (16, 24))  # its head reads 4 x 6 x 5 values
+  with pytest.raises(ValueError, match="head rows have width 120, its 'spatial' map 5 channels"):
+    bl.attribute("cam", target, target.variables, images_for((16, 24)),
+                 jnp.asarray([0, 1], jnp.int32))
 
 
 # ----------------------------------------------------------------------------- real targets

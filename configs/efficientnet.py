@@ -23,6 +23,9 @@ def get_config(arg: str | None = None):
   c.data.augment = True
   c.total_steps = 2000
   c.grids = (7, 14, 28)  # Lite0's stages are 7 x 7 .. 112 x 112 at 224
+  # The target's CAM as the decoder's input and starting point: on the 400-step CPU run, better
+  # than without it in every column (BENCHMARKS.md, ImageNet, "class evidence").
+  c.explainer.class_evidence = True
   c.checkpoint_every = 200
   c.log_every = 20
   if variant == "smoke":

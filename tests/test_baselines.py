@@ -45,6 +45,7 @@ class LinearInSpatial(nn.Module):
   a Dense 'head' on the flattened A (kernel u reshaped to [h * w * K, classes]): linear in A."""
   num_classes: int = 3
   channels: int = 5
+  pool_head: bool = False  # a CNN's head instead: the Dense on the mean of A over h, w
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -56,29 +57,7 @@ class LinearInSpatial(nn.Module):
     if not self.is_initializing():
       a = self.perturb("spatial", a)
     logits = nn.Dense(self.num_classes, precision="highest", name="head")(
-        jnp.reshape(a, (b, -1)))
-    return {"logits": logits, "levels": [a], "spatial": a}
-
-  def __call__(self, z):
-    return self.features(z)["logits"]
-
-
-class PooledLinear(nn.Module):
-  """LinearInSpatial with a CNN's head: logits = a Dense 'head' (kernel u f[K, classes]) on the
-  mean over h, w of A."""
-  num_classes: int = 3
-  channels: int = 5
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def features(self, z):
-    b, h, w, _ = z.shape
-    pooled = jnp.mean(jnp.reshape(z, (b, h // 4, 4, w // 4, 4, 3)), axis=(2, 4))
-    p = self.param("p", nn.initializers.zeros, (3, self.channels))
-    a = jnp.tanh(jnp.einsum("bhwm,mk->bhwk", pooled, p, precision="highest"))
-    if not self.is_initializing():
-      a = self.perturb("spatial", a)
-    logits = nn.Dense(self.num_classes, precision="highest", name="head")(jnp.mean(a, (1, 2)))
+        jnp.mean(a, (1, 2)) if self.pool_head else jnp.reshape(a, (b, -1)))
     return {"logits": logits, "levels": [a], "spatial": a}
 
   def __call__(self, z):
@@ -481,7 +460,7 @@ def test_cam_is_the_head_rows_map_and_gradcam_its_relu_for_a_pooling_head():
   bias = f32(rng.standard_normal(classes_n))
   params = {"p": p.astype(np.float32),
             "head": {"kernel": u.astype(np.float32), "bias": bias.astype(np.float32)}}
-  target = make_target(PooledLinear(), params, size)
+  target = make_target(LinearInSpatial(pool_head=True), params, size)
   x = images_for(size)
   classes = jnp.asarray([2, 0], jnp.int32)
   cam = bl.attribute("cam", target, target.variables, x, classes)

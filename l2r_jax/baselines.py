@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2r_jax import checks
+from l2r_jax import explainer as explainer_lib
 from l2r_jax.targets import base
 
 Array = jax.Array
@@ -426,9 +427,9 @@ def _cam_kernel(target, variables, images, classes):
     raise ValueError(f"CAM needs a head that reads the 'spatial' map's channels: target "
                      f"{target.name!r}'s head rows have width {rows.shape[1]}, its 'spatial' map "
                      f"{spatial.shape[-1]} channels")
-  cam = jnp.einsum("bhwk,bk->bhw", spatial.astype(jnp.float32),
-                   jnp.take(rows, classes, axis=0).astype(jnp.float32), precision=_HIGHEST)
-  return _upsample(cam, images.shape[1:3])
+  # The map the explainer's class_evidence option starts from, upsampled.
+  return _upsample(explainer_lib.class_activation(spatial, jnp.take(rows, classes, axis=0)),
+                   images.shape[1:3])
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -69,9 +69,9 @@ class Stage(nn.Module):
     return x
 
 
-def class_evidence(spatial: Array, class_vectors: Array) -> Array:
-  """The class evidence map (CAM) f32[B, h, w] = spatial . class vector, standardised per image
-  (zero mean, unit standard deviation over positions; a constant map stays zero).
+def class_activation(spatial: Array, class_vectors: Array) -> Array:
+  """The class activation map (CAM) f32[B, h, w] = spatial . class vector (baselines' 'cam' is
+  this map upsampled).
 
   Args:
     spatial: the target's 'spatial' features f[B, h, w, D] (the map its head pools).
@@ -81,8 +81,14 @@ def class_evidence(spatial: Array, class_vectors: Array) -> Array:
   b, _, _, d = spatial.shape
   checks.shape(class_vectors, (b, d), "class_vectors",
                f"f32[{b}, {d}] (one head row per image, as wide as the 'spatial' features)")
-  cam = jnp.einsum("bhwd,bd->bhw", spatial.astype(jnp.float32),
-                   class_vectors.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return jnp.einsum("bhwd,bd->bhw", spatial.astype(jnp.float32),
+                    class_vectors.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def class_evidence(spatial: Array, class_vectors: Array) -> Array:
+  """The class activation map standardised per image, f32[B, h, w]: zero mean, unit standard
+  deviation over positions (a constant map stays zero). Arguments as `class_activation`."""
+  cam = class_activation(spatial, class_vectors)
   cam = cam - jnp.mean(cam, axis=(1, 2), keepdims=True)
   std = jnp.sqrt(jnp.mean(jnp.square(cam), axis=(1, 2), keepdims=True))
   return cam / jnp.maximum(std, 1e-6)

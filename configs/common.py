@@ -77,6 +77,9 @@ def base() -> ml_collections.ConfigDict:
   c.objective.peak_weight = 0.0025
   c.objective.peak_window = 15
   c.objective.deletion_weight = 1.0  # the loss's weight on the deletion AUC (insertion: 1)
+  # Hard cell masks in the forward pass, the soft masks' gradient (objectives.ObjectiveConfig);
+  # not the paper's.
+  c.objective.straight_through = False
 
   c.checkpoint_every = 1000
   c.keep_checkpoints = 2

@@ -41,6 +41,12 @@ class ObjectiveConfig:
   # Weight of the deletion AUC in the loss (the paper's 1.0): one map serves both sweeps, so
   # where they ask for different rankings this sets the trade-off.
   deletion_weight: float = 1.0
+  # Straight-through sweeps (not the paper's): the target sees the HARD masks of the cells'
+  # ranking (what the evaluation deletes, at cell level), and the gradient flows through the
+  # Gumbel-Sinkhorn masks as if they had been used. The soft masks alone are far from the hard
+  # ones (Gumbel noise of scale 1 against anchor gaps of 2 |s| / N), so the loss they give
+  # barely tracks the metric (BENCHMARKS.md, issue 9, "straight-through").
+  straight_through: bool = False
 
   def __post_init__(self):
     checks.static_int(self.num_fractions, "num_fractions", minimum=2)
@@ -116,6 +122,18 @@ def class_scores(logits: Array, classes: Array, score: str = "prob") -> Array:
   return jnp.take_along_axis(x, classes, axis=-1)
 
 
+def hard_cell_masks(cells: Array, fractions: np.ndarray) -> Array:
+  """The hard counterpart of `perturb.soft_deletion_masks`: f32[B, K, N] for cell scores
+  f32[B, N], i.e. those masks of the exact permutation matrix of the descending sort (ties to the
+  lower index, as the evaluation's `perturb.descending_ranks`): cell i of rank r_i is deleted at
+  fraction p with weight clip(p * N - r_i, 0, 1), so the fractional cell of a fraction between
+  two cell counts is partly deleted, as in the soft sweep. No gradient (ranks are integers)."""
+  checks.rank(cells, 2, "cells", "f32[B, N]")
+  ranks = perturb.descending_ranks(jax.lax.stop_gradient(cells))
+  weights = jnp.asarray(perturb.fraction_weights(fractions, cells.shape[-1]))  # [K, N(ranks)]
+  return jnp.moveaxis(weights[:, ranks], 0, 1)
+
+
 def soft_sweep_masks(maps: Array,
                      *,
                      key: Array | None,
@@ -127,7 +145,8 @@ def soft_sweep_masks(maps: Array,
   [:, 0] deletes the most important cells first (sort of h), [:, 1] the least important first
   (sort of -h), each with its own Gumbel noise from `key` (one key, or keys[B], one per image, so
   that the noise does not depend on how a batch is split over devices; None: no noise). `grid`
-  must be static (it sets shapes).
+  must be static (it sets shapes). With config.straight_through the values are the hard cell
+  masks (`hard_cell_masks`) and the derivatives those of the soft ones.
   """
   checks.rank(maps, 3, "maps", "f32[B, H, W]")
   checks.finite(maps, "maps")
@@ -145,6 +164,9 @@ def soft_sweep_masks(maps: Array,
     perm = sorting.soft_sort(sign * cells, key=k, tau=tau, num_iters=config.num_iters,
                              normalize=config.normalize_scores)
     cell_masks = perturb.soft_deletion_masks(perm, config.fractions)
+    if config.straight_through:
+      hard = hard_cell_masks(sign * cells, config.fractions)
+      cell_masks = hard + (cell_masks - jax.lax.stop_gradient(cell_masks))
     sweeps.append(perturb.upsample_cells(cell_masks, grid, (h, w)))
   masks = jnp.stack(sweeps, axis=1)
   if config.smoothing_sigma > 0:

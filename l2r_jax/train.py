@@ -318,7 +318,9 @@ def step_config(config: Any) -> StepConfig:
                                            smoothing_sigma=o.smoothing_sigma,
                                            peak_weight=o.peak_weight, peak_window=o.peak_window,
                                            # absent from the config.json of older runs
-                                           deletion_weight=o.get("deletion_weight", 1.0)),
+                                           deletion_weight=o.get("deletion_weight", 1.0),
+                                           straight_through=bool(o.get("straight_through",
+                                                                       False))),
       references=tuple(config.references), mean_color=tuple(config.mean_color),
       blur_size=config.blur_size, blur_sigma=config.blur_sigma, tau_start=config.tau_start,
       tau_end=config.tau_end, total_steps=config.total_steps)

@@ -1,5 +1,7 @@
 """The differentiable objective: AUCs, peak penalty, class choice, one target pass, the hard
 limit, gradients, and optimisation of a free score map to the known optimum."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,6 +117,57 @@ def test_loss_parts_and_gradient(problem):
                                 key=jax.random.key(4), grid=8, tau=0.5,
                                 config=objectives.ObjectiveConfig(deletion_weight=3.0))[0]
   np.testing.assert_allclose(weighted, want + 2.0 * aux["deletion_auc"].mean(), rtol=1e-6)
+
+
+def test_hard_cell_masks_match_a_numpy_loop():
+  rng = np.random.default_rng(9)
+  cells = rng.normal(size=(3, 10)).astype(np.float32)
+  cells[1, [2, 5, 7]] = cells[1, 0]  # ties: the lower index ranks first
+  fractions = np.linspace(0, 1, 7)  # p * N = 0, 1.67, 3.33, ...: partial cells
+  got = objectives.hard_cell_masks(jnp.asarray(cells), fractions)
+  want = np.zeros((3, 7, 10))
+  for b in range(3):
+    order = sorted(range(10), key=lambda i: (-float(cells[b, i]), i))
+    for k, p in enumerate(fractions):
+      deleted = p * 10  # cells of mass: whole ones first, then a share of the next
+      for rank, i in enumerate(order):
+        want[b, k, i] = min(max(deleted - rank, 0.0), 1.0)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  np.testing.assert_allclose(got.sum(-1), np.broadcast_to(fractions * 10, (3, 7)), atol=1e-5)
+
+
+def test_straight_through_values_are_hard_and_gradients_soft():
+  maps = jax.random.normal(jax.random.key(10), (2, 12, 12))
+  soft_config = objectives.ObjectiveConfig(num_fractions=6, num_iters=10)
+  st_config = dataclasses.replace(soft_config, straight_through=True)
+  kw = dict(key=jax.random.key(11), grid=6, tau=0.3)
+  st = objectives.soft_sweep_masks(maps, config=st_config, **kw)
+  cells = perturb.pool_to_grid(maps, 6)
+  for s, sign in enumerate((1.0, -1.0)):
+    hard = perturb.upsample_cells(objectives.hard_cell_masks(sign * cells, st_config.fractions),
+                                  6, (12, 12))
+    np.testing.assert_allclose(st[:, s], perturb.smooth_masks(hard, 1.0), atol=1e-6)
+  weights = jax.random.normal(jax.random.key(12), st.shape)
+  grad = lambda c: jax.grad(
+      lambda m: jnp.sum(weights * objectives.soft_sweep_masks(m, config=c, **kw)))(maps)
+  soft_grad = grad(soft_config)
+  assert float(jnp.abs(soft_grad).max()) > 1e-4
+  np.testing.assert_allclose(grad(st_config), soft_grad, atol=1e-6)
+
+
+def test_straight_through_loss_is_the_hard_metric(problem):
+  # Each pixel its own cell and fractions on whole pixel counts (17 x 256 / 16): the forward
+  # value is the evaluation's deletion / insertion AUC exactly, whatever the temperature.
+  clf, images, maps, refs, classes = problem
+  config = objectives.ObjectiveConfig(num_fractions=17, smoothing_sigma=0.0, num_iters=5,
+                                      peak_weight=0.0, straight_through=True)
+  _, aux = objectives.loss_fn(clf.jax_apply(), images, maps, refs, classes,
+                              key=jax.random.key(13), grid=16, tau=1.0, config=config)
+  for c in range(2):
+    want = metrics.deletion_insertion(clf.jax_apply(), images, maps, classes=classes[:, c],
+                                      protocol=metrics.Protocol(num_steps=17))
+    np.testing.assert_allclose(aux["deletion_auc"][:, c], want["deletion"], atol=1e-5)
+    np.testing.assert_allclose(aux["insertion_auc"][:, c], want["insertion"], atol=1e-5)
 
 
 def test_free_map_descends_to_the_known_optimum():

@@ -44,7 +44,10 @@ def get_config(arg: str | None = None):
   c.eval.num_examples = 500
   c.explainer.width = 32
   c.total_steps = 200
-  c.learning_rate = 3e-4
+  # 1e-3, not the paper's 3e-4 (a 40k-step schedule): in the demo's 200 steps it deletes better
+  # under every training reference (paper -0.010, z -8.6 on 500 held-out digits) at no insertion
+  # cost; 3e-3 costs noise insertion (BENCHMARKS.md, the embedded default, learning rate).
+  c.learning_rate = 1e-3
   # The paper draws g in 7..28 for a 14 x 14 patch grid, i.e. half to twice it; the 28 px ViT has
   # a 7 x 7 grid. Each value compiles its own step, so the demo keeps a few.
   c.grids = (4, 7, 14)

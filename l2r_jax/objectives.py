@@ -45,7 +45,8 @@ class ObjectiveConfig:
   # ranking (what the evaluation deletes, at cell level), and the gradient flows through the
   # Gumbel-Sinkhorn masks as if they had been used. The soft masks alone are far from the hard
   # ones (Gumbel noise of scale 1 against anchor gaps of 2 |s| / N), so the loss they give
-  # barely tracks the metric (BENCHMARKS.md, issue 9, "straight-through").
+  # barely tracks the metric (BENCHMARKS.md, issue 9, "straight-through"). Measured on the demo
+  # and in refinement: worse than the soft sweeps on most columns, so off by default.
   straight_through: bool = False
 
   def __post_init__(self):

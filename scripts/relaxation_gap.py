@@ -40,6 +40,14 @@ def main(argv=None) -> None:
   parser.add_argument("--references", default="black,mean", help="perturb.REFERENCES")
   parser.add_argument("--seed", type=int, default=0, help="the Gumbel noise")
   args = parser.parse_args(argv)
+  if args.num_examples < 2:
+    parser.error(f"--num_examples must be >= 2 (a correlation over images), got {args.num_examples}")
+  taus = [float(t) for t in args.taus.split(",")]
+  if not all(t > 0 for t in taus):
+    parser.error(f"--taus must be positive temperatures, got {args.taus!r}")
+  unknown = sorted(set(args.references.split(",")) - set(perturb.REFERENCES))
+  if unknown:
+    parser.error(f"--references: unknown {unknown}; one of {', '.join(perturb.REFERENCES)}")
 
   config, target, model, params, _ = evaluate.load_run(args.workdir)
   if config.explainer.get("backbone", ""):
@@ -75,7 +83,7 @@ def main(argv=None) -> None:
     references = perturb.reference_images(images, name, **kw)
     for grid in config.grids:
       cells = perturb.pool_to_grid(maps, grid)
-      for tau in map(float, args.taus.split(",")):
+      for tau in taus:
         for noisy in (True, False):
           key = jax.random.key(args.seed) if noisy else None
           soft = objectives.soft_sweep_masks(maps, key=key, grid=grid, tau=tau, config=objective)

@@ -41,7 +41,8 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=0, help="the Gumbel noise")
   args = parser.parse_args(argv)
   if args.num_examples < 2:
-    parser.error(f"--num_examples must be >= 2 (a correlation over images), got {args.num_examples}")
+    parser.error(f"--num_examples must be >= 2 (a correlation over images), "
+                 f"got {args.num_examples}")
   taus = [float(t) for t in args.taus.split(",")]
   if not all(t > 0 for t in taus):
     parser.error(f"--taus must be positive temperatures, got {args.taus!r}")

@@ -204,13 +204,24 @@ def soft_curves(apply_fn: ApplyFn,
   checks.shape(classes, (b, None), "classes", f"i32[{b}, C]")
   checks.integer(classes, "classes")
   masks = soft_sweep_masks(maps, key=key, grid=grid, tau=tau, config=config)
+  return masked_curves(apply_fn, images, masks, references, classes, config.score)
+
+
+def masked_curves(apply_fn: ApplyFn, images: Array, masks: Array, references: Array,
+                  classes: Array, score: str = "prob") -> Array:
+  """Class scores of images blended toward `references` by masks f32[B, S, K, H, W] (S sweeps of
+  K masks each, 1 = the reference): f32[B, S, C, K] for classes i32[B, C], all B * S * K images
+  in one `apply_fn` call (`soft_curves` with its soft masks, or any others, e.g. hard ones)."""
+  b, h, w = images.shape[0], images.shape[1], images.shape[2]
+  checks.rank(masks, 5, "masks", "f32[B, S, K, H, W]")
+  checks.shape(masks, (b, None, None, h, w), "masks", f"f32[{b}, S, K, {h}, {w}]")
+  sweeps, k = masks.shape[1], masks.shape[2]
   perturbed = perturb.blend(images, references, masks.reshape(b, -1, h, w))
-  k = config.num_fractions
-  logits = apply_fn(perturbed.reshape(b * 2 * k, *images.shape[1:]))
+  logits = apply_fn(perturbed.reshape(b * sweeps * k, *images.shape[1:]))
   checks.rank(logits, 2, "apply_fn(images)", "f32[M, classes]")
-  per_image = jnp.repeat(classes, 2 * k, axis=0)
-  scores = class_scores(logits, per_image, config.score)  # [B * 2 * K, C]
-  return scores.reshape(b, 2, k, -1).transpose(0, 1, 3, 2)
+  per_image = jnp.repeat(classes, sweeps * k, axis=0)
+  scores = class_scores(logits, per_image, score)  # [B * S * K, C]
+  return scores.reshape(b, sweeps, k, -1).transpose(0, 1, 3, 2)
 
 
 def loss_fn(apply_fn: ApplyFn,

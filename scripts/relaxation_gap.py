@@ -68,11 +68,10 @@ def main(argv=None) -> None:
   fractions = objective.fractions
 
   @jax.jit
-  def auc(masks, references):
-    k = masks.shape[1]
-    perturbed = perturb.blend(images, references, masks).reshape(b * k, h, w, -1)
-    scores = objectives.class_scores(apply_fn(perturbed), jnp.repeat(classes[:, None], k, 0))
-    return objectives.trapezoid_auc(scores.reshape(b, k), fractions)
+  def auc(masks, references):  # masks f32[B, K, H, W] -> AUC f32[B] of the predicted class
+    curves = objectives.masked_curves(apply_fn, images, masks[:, None], references,
+                                      classes[:, None], objective.score)
+    return objectives.trapezoid_auc(curves[:, 0, 0], fractions)
 
   print(f"{args.workdir}: {b} held-out images, map std per image (median) "
         f"{float(jnp.median(jnp.std(maps, axis=(1, 2)))):.3f}\n")
@@ -84,15 +83,17 @@ def main(argv=None) -> None:
     references = perturb.reference_images(images, name, **kw)
     for grid in config.grids:
       cells = perturb.pool_to_grid(maps, grid)
+      # The hard masks and their AUCs depend on neither the temperature nor the noise.
+      hards = [perturb.upsample_cells(objectives.hard_cell_masks(sign * cells, fractions), grid,
+                                      (h, w)) for sign in (1.0, -1.0)]
+      hard_aucs = [np.asarray(auc(hard, references)) for hard in hards]
       for tau in taus:
         for noisy in (True, False):
           key = jax.random.key(args.seed) if noisy else None
           soft = objectives.soft_sweep_masks(maps, key=key, grid=grid, tau=tau, config=objective)
-          for s, (sweep, sign) in enumerate((("deletion", 1.0), ("insertion", -1.0))):
-            hard = perturb.upsample_cells(objectives.hard_cell_masks(sign * cells, fractions),
-                                          grid, (h, w))
-            a_soft, a_hard = np.asarray(auc(soft[:, s], references)), np.asarray(
-                auc(hard, references))
+          for s, sweep in enumerate(("deletion", "insertion")):
+            hard, a_hard = hards[s], hard_aucs[s]
+            a_soft = np.asarray(auc(soft[:, s], references))
             r = np.corrcoef(a_soft, a_hard)[0, 1] if b > 1 else float("nan")
             print(f"| {name} | {grid} | {tau:g} | {'yes' if noisy else 'no'} | {sweep} | "
                   f"{float(jnp.mean(jnp.abs(soft[:, s] - hard))):.3f} | {a_soft.mean():.3f} | "

@@ -77,6 +77,8 @@ def base() -> ml_collections.ConfigDict:
   c.objective.peak_weight = 0.0025
   c.objective.peak_window = 15
   c.objective.deletion_weight = 1.0  # the loss's weight on the deletion AUC (insertion: 1)
+  # The second class's weight in the loss (the first, the explained top-1, weighs 1).
+  c.objective.second_class_weight = 1.0
   # Hard cell masks in the forward pass, the soft masks' gradient (objectives.ObjectiveConfig);
   # not the paper's.
   c.objective.straight_through = False

@@ -319,6 +319,8 @@ def step_config(config: Any) -> StepConfig:
                                            peak_weight=o.peak_weight, peak_window=o.peak_window,
                                            # absent from the config.json of older runs
                                            deletion_weight=o.get("deletion_weight", 1.0),
+                                           second_class_weight=o.get("second_class_weight",
+                                                                     1.0),
                                            straight_through=bool(o.get("straight_through",
                                                                        False))),
       references=tuple(config.references), mean_color=tuple(config.mean_color),

@@ -117,6 +117,22 @@ def test_loss_parts_and_gradient(problem):
                                 key=jax.random.key(4), grid=8, tau=0.5,
                                 config=objectives.ObjectiveConfig(deletion_weight=3.0))[0]
   np.testing.assert_allclose(weighted, want + 2.0 * aux["deletion_auc"].mean(), rtol=1e-6)
+  # second_class_weight w: per image (first + w * second) / (1 + w), from the same AUCs.
+  dele, ins = np.asarray(aux["deletion_auc"], np.float64), np.asarray(aux["insertion_auc"],
+                                                                      np.float64)
+  peak = 0.0025 * float(objectives.peak_penalty(maps))
+  got = {}
+  for w in (0.0, 0.25):
+    got[w] = objectives.loss_fn(clf.jax_apply(), images, maps, refs, classes,
+                                key=jax.random.key(4), grid=8, tau=0.5,
+                                config=objectives.ObjectiveConfig(second_class_weight=w))[0]
+    mix = np.array([1.0, w]) / (1.0 + w)
+    np.testing.assert_allclose(got[w], np.mean(dele @ mix) + np.mean((1 - ins) @ mix) + peak,
+                               rtol=1e-6)
+  # At 0 it is the loss of the first class alone.
+  alone = objectives.loss_fn(clf.jax_apply(), images, maps, refs, classes[:, :1],
+                             key=jax.random.key(4), grid=8, tau=0.5, config=config)[0]
+  np.testing.assert_allclose(got[0.0], alone, rtol=1e-6)
 
 
 def test_hard_cell_masks_match_a_numpy_loop():
@@ -232,6 +248,7 @@ def test_bad_input_raises_value_error(problem, kwargs, match):
     (dict(score="softmax"), "score must be one of"),
     (dict(smoothing_sigma=-1.0), "smoothing_sigma must be >= 0"),
     (dict(deletion_weight=float("nan")), "deletion_weight must be >= 0"),
+    (dict(second_class_weight=-1.0), "second_class_weight must be >= 0"),
 ])
 def test_bad_config_raises_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -63,8 +63,9 @@ class ObjectiveConfig:
       raise ValueError(f"peak_weight must be >= 0, got {self.peak_weight}")
     if not self.deletion_weight >= 0:
       raise ValueError(f"deletion_weight must be >= 0, got {self.deletion_weight}")
-    if not self.second_class_weight >= 0:
-      raise ValueError(f"second_class_weight must be >= 0, got {self.second_class_weight}")
+    if not 0 <= self.second_class_weight < float("inf"):
+      raise ValueError(f"second_class_weight must be finite and >= 0, got "
+                       f"{self.second_class_weight}")
     checks.choice(self.score, SCORES, "score")
 
   @property

@@ -248,7 +248,8 @@ def test_bad_input_raises_value_error(problem, kwargs, match):
     (dict(score="softmax"), "score must be one of"),
     (dict(smoothing_sigma=-1.0), "smoothing_sigma must be >= 0"),
     (dict(deletion_weight=float("nan")), "deletion_weight must be >= 0"),
-    (dict(second_class_weight=-1.0), "second_class_weight must be >= 0"),
+    (dict(second_class_weight=-1.0), "second_class_weight must be finite and >= 0"),
+    (dict(second_class_weight=float("inf")), "second_class_weight must be finite and >= 0"),
 ])
 def test_bad_config_raises_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):

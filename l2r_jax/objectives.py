@@ -254,13 +254,15 @@ def loss_fn(apply_fn: ApplyFn,
   auc = trapezoid_auc(curves, config.fractions)  # [B, 2, C]
   deletion, insertion = auc[:, 0], auc[:, 1]
   peak = peak_penalty(maps, config.peak_window)
-  num_classes = classes.shape[1]
-  weights = jnp.full((num_classes,), config.second_class_weight, jnp.float32).at[0].set(1.0)
-  weights = weights / jnp.sum(weights)
-
-  def mean(x):  # over images, and over classes with `weights`
-    return jnp.mean(jnp.sum(x * weights, axis=-1))
-
-  loss = (config.deletion_weight * mean(deletion) + mean(1.0 - insertion)
-          + config.peak_weight * peak)
+  loss = (config.deletion_weight * class_mean(deletion, config)
+          + class_mean(1.0 - insertion, config) + config.peak_weight * peak)
   return loss, {"deletion_auc": deletion, "insertion_auc": insertion, "peak_penalty": peak}
+
+
+def class_mean(values: Array, config: ObjectiveConfig = ObjectiveConfig()) -> Array:
+  """The loss's mean of per-image, per-class values f32[B, C]: a plain mean over images and a
+  weighted one over classes, the first (explained) class weighing 1 and the others
+  config.second_class_weight (1 in the paper: a plain mean)."""
+  checks.rank(values, 2, "values", "f32[B, C]")
+  weights = jnp.full((values.shape[1],), config.second_class_weight, jnp.float32).at[0].set(1.0)
+  return jnp.mean(jnp.sum(values * (weights / jnp.sum(weights)), axis=-1))

@@ -122,9 +122,12 @@ def loss_and_metrics(params: Any, target_variables: Any, batch: dict[str, Array]
   frozen_target = target.apply_fn(jax.lax.stop_gradient(target_variables))
   loss, aux = objectives.loss_fn(frozen_target, images, maps, refs, classes, key=keys, grid=grid,
                                  tau=tau, config=config.objective)
-  metrics = {"loss": loss, "deletion_auc": jnp.mean(aux["deletion_auc"]),
-             "insertion_auc": jnp.mean(aux["insertion_auc"]), "peak_penalty": aux["peak_penalty"],
-             "tau": tau}
+  # The AUCs as the loss weighs them (objective.second_class_weight), so that the logged loss is
+  # deletion_weight * deletion + (1 - insertion) + peak_weight * peak_penalty.
+  metrics = {"loss": loss,
+             "deletion_auc": objectives.class_mean(aux["deletion_auc"], config.objective),
+             "insertion_auc": objectives.class_mean(aux["insertion_auc"], config.objective),
+             "peak_penalty": aux["peak_penalty"], "tau": tau}
   return loss, metrics
 
 

@@ -129,6 +129,9 @@ def test_loss_parts_and_gradient(problem):
     mix = np.array([1.0, w]) / (1.0 + w)
     np.testing.assert_allclose(got[w], np.mean(dele @ mix) + np.mean((1 - ins) @ mix) + peak,
                                rtol=1e-6)
+    np.testing.assert_allclose(
+        objectives.class_mean(aux["deletion_auc"], objectives.ObjectiveConfig(
+            second_class_weight=w)), np.mean(dele @ mix), rtol=1e-6)
   # At 0 it is the loss of the first class alone.
   alone = objectives.loss_fn(clf.jax_apply(), images, maps, refs, classes[:, :1],
                              key=jax.random.key(4), grid=8, tau=0.5, config=config)[0]

@@ -77,6 +77,20 @@ def test_steps_change_the_decoder_and_never_the_target():
   assert 0.0 <= float(metrics["deletion_auc"]) <= 1.0
 
 
+def test_logged_aucs_are_the_ones_the_loss_weighs():
+  """loss = deletion_weight * deletion + (1 - insertion) + peak_weight * peak, in the logs too,
+  when the second class weighs nothing (a plain mean over both classes would not add up)."""
+  target, batch, model, _, tx, state = _setup()
+  objective = objectives.ObjectiveConfig(num_fractions=6, num_iters=10, deletion_weight=2.0,
+                                         second_class_weight=0.0)
+  config = train.StepConfig(objective=objective, references=("black", "mean"), total_steps=10)
+  step = train.make_train_step(train.data_mesh(jax.devices()[:1]), grid=4, model=model,
+                               target=target, tx=tx, config=config)
+  _, m = step(state, target.variables, batch, jax.random.key(2))
+  want = 2.0 * m["deletion_auc"] + 1.0 - m["insertion_auc"] + 0.0025 * m["peak_penalty"]
+  np.testing.assert_allclose(m["loss"], want, rtol=1e-6)
+
+
 def test_bad_config():
   with pytest.raises(ValueError, match="references must be one of"):
     train.StepConfig(references=("grey",))

@@ -56,11 +56,11 @@ def get_config(arg: str | None = None):
   # (BENCHMARKS.md, the embedded default, grid schedule).
   c.grids = (7, 14, 28)
   # The loss on the explained top-1 class alone, not the paper's mean of top-1 and the second
-  # class (the map is top-1's and the evaluation scores top-1 only). Two explainer seeds, 500
-  # held-out digits, paired: better under every training reference in both (paper deletion
-  # -0.002, z -2.1 and -2.2; insertion +0.003 and +0.004, z 2.0 and 3.9; blur both metrics, z
-  # 2-4.5), at the same cost; the unseen noise moves with the seed (insertion +0.006, -0.006)
-  # (BENCHMARKS.md, the embedded default, tenth and eleventh sessions).
+  # class (the map is top-1's and the evaluation scores top-1 only). Three explainer seeds, 500
+  # held-out digits, paired: insertion better under every training reference in each (paper
+  # +0.003, +0.004, +0.005, z 2.0-4.2) and blur deletion too, at the same cost; paper deletion
+  # -0.002, -0.002, +0.001; the unseen noise follows the seed (insertion +0.006, -0.006, -0.003;
+  # deletion -0.001, +0.003, +0.004) (BENCHMARKS.md, the embedded default, eleventh session).
   c.objective.second_class_weight = 0.0
   c.mean_color = (0.1307, 0.1307, 0.1307)  # MNIST's mean intensity
   c.blur_size = 9  # 37 px would not fit a 28 px image's reflect padding

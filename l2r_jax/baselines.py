@@ -108,9 +108,7 @@ class Options:
     checks.static_int(self.rise_masks, "rise_masks")
     checks.static_int(self.rise_grid, "rise_grid")
     checks.static_int(self.batch_size, "batch_size")
-    if not (np.isfinite(self.smoothgrad_sigma) and self.smoothgrad_sigma >= 0):
-      raise ValueError(f"smoothgrad_sigma must be a finite number >= 0, got "
-                       f"{self.smoothgrad_sigma}")
+    checks.non_negative(self.smoothgrad_sigma, "smoothgrad_sigma")
     if not 0 < self.rise_p <= 1:
       raise ValueError(f"rise_p must lie in (0, 1], got {self.rise_p}")
     if not 0 <= self.rollout_discard < 1:

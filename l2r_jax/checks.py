@@ -65,6 +65,12 @@ def positive(x: Any, name: str) -> None:
     raise ValueError(f"{name} must be a finite number > 0, got {float(x)}")
 
 
+def non_negative(value: Any, name: str) -> None:
+  """Raises ValueError unless a static number (a config field) is finite and >= 0."""
+  if not (np.isfinite(float(value)) and float(value) >= 0):
+    raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
 def in_range(x: Any, lo: float, hi: float, name: str) -> None:
   """Raises ValueError unless every value of a concrete x lies in [lo, hi]."""
   if _is_concrete(x):

@@ -57,15 +57,8 @@ class ObjectiveConfig:
     checks.static_int(self.num_fractions, "num_fractions", minimum=2)
     checks.static_int(self.num_iters, "num_iters")
     checks.static_int(self.peak_window, "peak_window")
-    if self.smoothing_sigma < 0:
-      raise ValueError(f"smoothing_sigma must be >= 0, got {self.smoothing_sigma}")
-    if self.peak_weight < 0:
-      raise ValueError(f"peak_weight must be >= 0, got {self.peak_weight}")
-    if not self.deletion_weight >= 0:
-      raise ValueError(f"deletion_weight must be >= 0, got {self.deletion_weight}")
-    if not 0 <= self.second_class_weight < float("inf"):
-      raise ValueError(f"second_class_weight must be finite and >= 0, got "
-                       f"{self.second_class_weight}")
+    for field in ("smoothing_sigma", "peak_weight", "deletion_weight", "second_class_weight"):
+      checks.non_negative(getattr(self, field), field)
     checks.choice(self.score, SCORES, "score")
 
   @property

@@ -547,6 +547,9 @@ def test_bad_inputs():
     bl.Options(ig_rule="simpson")
   with pytest.raises(ValueError, match="rise_p must lie in"):
     bl.Options(rise_p=0.0)
+  for sigma in (-0.1, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match="smoothgrad_sigma must be a finite number >= 0"):
+      bl.Options(smoothgrad_sigma=sigma)
 
 
 def test_gradcam_needs_the_hook():

@@ -249,10 +249,14 @@ def test_bad_input_raises_value_error(problem, kwargs, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_fractions=1), "num_fractions must be an integer >= 2"),
     (dict(score="softmax"), "score must be one of"),
-    (dict(smoothing_sigma=-1.0), "smoothing_sigma must be >= 0"),
-    (dict(deletion_weight=float("nan")), "deletion_weight must be >= 0"),
-    (dict(second_class_weight=-1.0), "second_class_weight must be finite and >= 0"),
-    (dict(second_class_weight=float("inf")), "second_class_weight must be finite and >= 0"),
+    (dict(smoothing_sigma=-1.0), "smoothing_sigma must be a finite number >= 0"),
+    (dict(smoothing_sigma=float("nan")), "smoothing_sigma must be a finite number >= 0"),
+    (dict(peak_weight=-0.1), "peak_weight must be a finite number >= 0"),
+    (dict(peak_weight=float("inf")), "peak_weight must be a finite number >= 0"),
+    (dict(deletion_weight=float("nan")), "deletion_weight must be a finite number >= 0"),
+    (dict(deletion_weight=float("inf")), "deletion_weight must be a finite number >= 0"),
+    (dict(second_class_weight=-1.0), "second_class_weight must be a finite number >= 0"),
+    (dict(second_class_weight=float("inf")), "second_class_weight must be a finite number >= 0"),
 ])
 def test_bad_config_raises_value_error(kwargs, match):
   with pytest.raises(ValueError, match=match):

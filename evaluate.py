@@ -18,7 +18,8 @@ flags.DEFINE_list("protocols", None, "protocols (default: paper, paper_label, bl
 flags.DEFINE_integer("num_examples", None, "held-out images (default: config.eval.num_examples)")
 flags.DEFINE_integer("batch_size", None, "global batch (default: the run's)")
 flags.DEFINE_integer("refine_steps", 10, "test-time refinement steps of 'l2r_refined'")
-flags.DEFINE_float("refine_learning_rate", 0.1, "its Adam learning rate")
+flags.DEFINE_float("refine_learning_rate", None, "its Adam learning rate (default: the run's "
+                   "config.eval.refine_learning_rate)")
 flags.DEFINE_integer("ig_steps", 50, "Integrated Gradients steps")
 flags.DEFINE_integer("rise_masks", 4000, "RISE masks")
 flags.DEFINE_integer("rise_grid", 7, "RISE grid side (7 at 224 px; 4 for CIFAR's 32 px)")

@@ -86,10 +86,16 @@ def protocols(config: Any, target: Any, names: Sequence[str]) -> dict[str, Any]:
   return out
 
 
-def refine_settings(config: Any, steps: int, learning_rate: float = 0.1,
+def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
                     num_samples: int = 6) -> refine_lib.RefineConfig:
   """Test-time refinement for the run of `config`: its references, mean colour and blur, and the
-  finer half of its training grids (at most two; refinement sharpens what the single pass gives)."""
+  finer half of its training grids (at most two; refinement sharpens what the single pass gives).
+
+  learning_rate: None takes the run's `eval.refine_learning_rate`; a run written before that
+  field existed gets RefineConfig's default (0.1), the rate it was evaluated with then.
+  """
+  if learning_rate is None:
+    learning_rate = config.eval.get("refine_learning_rate", refine_lib.RefineConfig.learning_rate)
   return refine_lib.RefineConfig(
       steps=steps, learning_rate=learning_rate, num_samples=num_samples,
       grids=tuple(sorted(config.grids))[len(config.grids) // 2:][:2],
@@ -152,13 +158,15 @@ def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
 def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
              protocol_names: Sequence[str] = DEFAULT_PROTOCOLS, num_examples: int | None = None,
              batch_size: int | None = None, refine_steps: int = 10,
-             refine_learning_rate: float = 0.1, refine_samples: int = 6,
+             refine_learning_rate: float | None = None, refine_samples: int = 6,
              baseline_options: Any = None,
              overrides: dict[str, Any] | None = None, num_figure_examples: int = 4,
              write: bool = True, verbose: bool = True) -> dict[str, Any]:
   """Evaluates the run in `workdir` (module docstring); returns what results.json holds.
 
   write: write results.json, results.md and the figures; verbose: print the tables.
+
+  refine_learning_rate: None takes the run's (`refine_settings`).
 
   overrides: config fields of the run to change, {'eval.reference': 'black', ...}; an unknown
   field is an error.
@@ -333,6 +341,12 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
       "jax": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
       "methods": {}, "protocols": {}}
+  if "l2r_refined" in methods:  # what 'l2r_refined' ran with
+    results["refine"] = {"steps": refine_config.steps,
+                         "learning_rate": refine_config.learning_rate,
+                         "num_samples": refine_config.num_samples,
+                         "grids": list(refine_config.grids), "tau": refine_config.tau,
+                         "references": list(refine_config.references)}
   for name, protocol in chosen.items():
     results["protocols"][name] = ("chefer" if protocol == "chefer"
                                   else dataclasses.asdict(protocol))
@@ -412,6 +426,11 @@ def markdown(results: dict[str, Any]) -> str:
   """results.json as Markdown: one table per protocol, mean +- standard error."""
   lines = [f"# Evaluation of {results['workdir']} ({results['target']}, split "
            f"{results['split']!r})", ""]
+  if "refine" in results:
+    r = results["refine"]
+    lines += [f"l2r_refined: {r['steps']} steps of Adam at learning rate {r['learning_rate']:g}, "
+              f"{r['num_samples']} samples per step on grids {tuple(r['grids'])}, tau "
+              f"{r['tau']:g}, references {', '.join(r['references'])}.", ""]
   methods = results["methods"]
   paired = "l2r" in methods and len(methods) > 1
   for name in results["protocols"]:

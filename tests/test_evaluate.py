@@ -40,6 +40,11 @@ def test_outputs(run):
         assert s["n"] == 12, (method, name, k)
         assert np.isfinite(s["mean"]) and s["se"] >= 0
   assert len(on_disk["curves"]["l2r"]["deletion"]) == 21
+  # What l2r_refined ran with: the call's steps and samples, the run's learning rate.
+  assert on_disk["refine"]["steps"] == 2 and on_disk["refine"]["num_samples"] == 2
+  assert on_disk["refine"]["learning_rate"] == 0.1
+  assert "l2r_refined: 2 steps of Adam at learning rate 0.1" in open(
+      os.path.join(workdir, "results.md")).read()
   # The paired differences to l2r: their mean is the difference of the means; the s.e. of a
   # difference never exceeds the two s.e.s added (triangle inequality).
   for method in METHODS[1:]:
@@ -245,3 +250,22 @@ def test_a_methods_random_draw_does_not_depend_on_the_other_methods_or_the_batch
         np.testing.assert_allclose(by_batch[8]["methods"][method]["paper"][k]["mean"],
                                    results["methods"][method]["paper"][k]["mean"], rtol=1e-5,
                                    atol=1e-6, err_msg=f"{method} {k}: alone against beside")
+
+
+def test_refine_settings_take_the_runs_learning_rate():
+  """The run's eval.refine_learning_rate unless one is given; a config.json written before the
+  field existed gets RefineConfig's default, the rate such runs were evaluated with."""
+  from configs import efficientnet as efficientnet_config
+  c = efficientnet_config.get_config()
+  assert evaluate.refine_settings(c, 10).learning_rate == 0.3
+  assert evaluate.refine_settings(c, 10, learning_rate=0.05).learning_rate == 0.05
+  assert evaluate.refine_settings(vit_config.get_config(), 10).learning_rate == 0.1
+  old = vit_config.get_config()
+  del old.eval["refine_learning_rate"]
+  assert "refine_learning_rate" not in old.eval
+  assert evaluate.refine_settings(old, 10).learning_rate == 0.1
+  five = evaluate.refine_settings(c, 5)  # the finer half of (7, 14, 28)
+  assert five.grids == (14, 28) and five.steps == 5 and five.references == tuple(c.references)
+  c.eval.refine_learning_rate = 0.0
+  with pytest.raises(ValueError, match="learning_rate must be > 0"):
+    evaluate.refine_settings(c, 10)

@@ -341,12 +341,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
       "jax": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
       "methods": {}, "protocols": {}}
-  if "l2r_refined" in methods:  # what 'l2r_refined' ran with
-    results["refine"] = {"steps": refine_config.steps,
-                         "learning_rate": refine_config.learning_rate,
-                         "num_samples": refine_config.num_samples,
-                         "grids": list(refine_config.grids), "tau": refine_config.tau,
-                         "references": list(refine_config.references)}
+  if "l2r_refined" in methods:  # what 'l2r_refined' ran with, as the protocols below
+    results["refine"] = dataclasses.asdict(refine_config)
   for name, protocol in chosen.items():
     results["protocols"][name] = ("chefer" if protocol == "chefer"
                                   else dataclasses.asdict(protocol))

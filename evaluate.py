@@ -3,7 +3,9 @@
 Thin CLI over `l2r_jax.evaluate.evaluate`: reads the run's config.json and latest checkpoint
 from --workdir, writes results.json, results.md, curves.png and examples.png there, and prints
 the tables. Choose what runs with --methods and --protocols; the run's protocol fields (mean
-colour, blur, reference) can be overridden with --set, e.g. --set eval.reference=black.
+colour, blur, reference) can be overridden with --set, e.g. --set eval.reference=black. A long
+evaluation runs in parts: --chunk 0:40, --chunk 40:80, ... of one --num_examples draw, each with
+its own --output_dir, then scripts/merge_evaluations.py gives the whole table.
 """
 import ast
 
@@ -16,6 +18,10 @@ flags.DEFINE_list("methods", None, "methods to compare (default: all that apply)
 flags.DEFINE_list("protocols", None, "protocols (default: paper, paper_label, black, blur, "
                   "noise, chefer; also patch, rise)")
 flags.DEFINE_integer("num_examples", None, "held-out images (default: config.eval.num_examples)")
+flags.DEFINE_string("chunk", None, "START:STOP: only the images START..STOP-1 of the "
+                    "--num_examples draw (an evaluation in parts; merge the parts' per_image.npz "
+                    "with scripts/merge_evaluations.py)")
+flags.DEFINE_string("output_dir", None, "where the results go (default: --workdir)")
 flags.DEFINE_integer("batch_size", None, "global batch (default: the run's)")
 flags.DEFINE_integer("refine_steps", 10, "test-time refinement steps of 'l2r_refined'")
 flags.DEFINE_float("refine_learning_rate", None, "its Adam learning rate (default: the run's "
@@ -43,6 +49,15 @@ def main(argv):
       overrides[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       overrides[key] = value
+  chunk = None
+  if FLAGS.chunk is not None:
+    start, sep, stop = FLAGS.chunk.partition(":")
+    try:
+      chunk = (int(start), int(stop))
+    except ValueError:
+      sep = ""
+    if not sep:
+      raise app.UsageError(f"--chunk takes START:STOP (two integers), got {FLAGS.chunk!r}")
   evaluate.evaluate(
       FLAGS.workdir, methods=FLAGS.methods or evaluate.DEFAULT_METHODS,
       protocol_names=FLAGS.protocols or evaluate.DEFAULT_PROTOCOLS,
@@ -50,7 +65,7 @@ def main(argv):
       refine_steps=FLAGS.refine_steps, refine_learning_rate=FLAGS.refine_learning_rate,
       baseline_options=baselines.Options(ig_steps=FLAGS.ig_steps, rise_masks=FLAGS.rise_masks,
                                          rise_grid=FLAGS.rise_grid),
-      overrides=overrides)
+      chunk=chunk, output_dir=FLAGS.output_dir, overrides=overrides)
 
 
 if __name__ == "__main__":

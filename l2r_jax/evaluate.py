@@ -2,14 +2,15 @@
 
 `evaluate(workdir, ...)` reads the run's `config.json` and its latest checkpoint, computes every
 method's maps on the held-out split (config.data.eval_split) in batches over all devices, scores
-them under every protocol, and writes to the workdir:
+them under every protocol, and writes to the workdir (or `output_dir`):
 - `results.json`: per method x protocol the mean, standard error and n of each score, and the
   method's seconds per image (map computation only, after the first batch's compilation);
 - `results.md`: the same as Markdown tables (also printed);
 - `per_image.npz`: every score of every image, f32[n] per '<method>/<protocol>/<score>' in the
-  evaluation's image order (fixed by the split and --num_examples), with '_labels' and
-  '_predicted' i32[n]: for paired comparisons across runs on the same images
-  (`scripts/compare_runs.py`);
+  evaluation's image order (fixed by the split and --num_examples), with '_labels',
+  '_predicted' and '_index' (each image's index in the held-out split) i32[n]: for paired
+  comparisons across runs on the same images (`scripts/compare_runs.py`) and for merging the
+  chunks of an evaluation run in parts (`chunk`, `scripts/merge_evaluations.py`);
 - `curves.png`: mean deletion / insertion curves of each method under the paper's protocol;
 - `examples.png`: one image per class (the first met, up to `num_figure_examples`) with each
   method's map.
@@ -159,12 +160,19 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
              protocol_names: Sequence[str] = DEFAULT_PROTOCOLS, num_examples: int | None = None,
              batch_size: int | None = None, refine_steps: int = 10,
              refine_learning_rate: float | None = None, refine_samples: int = 6,
-             baseline_options: Any = None,
+             baseline_options: Any = None, chunk: tuple[int, int] | None = None,
              overrides: dict[str, Any] | None = None, num_figure_examples: int = 4,
-             write: bool = True, verbose: bool = True) -> dict[str, Any]:
+             output_dir: str | None = None, write: bool = True,
+             verbose: bool = True) -> dict[str, Any]:
   """Evaluates the run in `workdir` (module docstring); returns what results.json holds.
 
-  write: write results.json, results.md and the figures; verbose: print the tables.
+  write: write results.json, results.md, per_image.npz and the figures into `output_dir`
+  (default: the workdir); verbose: print the tables.
+
+  chunk: (start, stop), evaluate only the images start..stop-1 of the num_examples-image draw
+  (`sources.draw_chunk`), each with the random keys it has in the whole draw's evaluation; the
+  chunks' per_image.npz files merge into that evaluation's table
+  (scripts/merge_evaluations.py). An evaluation too long for one job runs as several.
 
   refine_learning_rate: None takes the run's (`refine_settings`).
 
@@ -215,9 +223,19 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
   params = jax.device_put(params, replicated)
   apply_fn = target.apply_fn(target_variables)
 
-  source = train.source(config, config.data.eval_split)
+  split = train.source(config, config.data.eval_split)
   limit = config.eval.num_examples if num_examples is None else num_examples
-  source = sources.subsample(source, limit)
+  checks.static_int(limit, "num_examples", minimum=0)
+  if chunk is None:
+    source = sources.subsample(split, limit)
+    positions = np.arange(len(source))  # each image's place in the draw: its random keys
+  else:
+    if len(chunk) != 2:
+      raise ValueError(f"chunk must be (start, stop), got {chunk!r}")
+    start, stop = (checks.static_int(v, "chunk's start and stop", minimum=0) for v in chunk)
+    source, positions = sources.draw_chunk(split, limit, start, stop)
+  # Each image's index in the held-out split, recorded beside its scores (per_image.npz).
+  split_index = source.indices if source is not split else np.arange(len(split))
   batches = data.make_batches(source, batch_size=batch_size,
                               preprocess=train.preprocessing(config, target), num_epochs=1,
                               drop_remainder=False)
@@ -263,7 +281,7 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
     methods.insert(0, methods.pop(methods.index("l2r")))
   l2r_scores: dict[str, Array] = {}
 
-  per_image: dict[str, list[np.ndarray]] = {"_labels": [], "_predicted": []}
+  per_image: dict[str, list[np.ndarray]] = {"_labels": [], "_predicted": [], "_index": []}
 
   def add_scores(method, name, out, keys, mask, valid):
     """valid: the mask gathered to NumPy (the batch's real images, all processes)."""
@@ -290,9 +308,13 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
       images = jax.make_array_from_process_local_data(sharding, local["image"])
       labels = jax.make_array_from_process_local_data(sharding, local["label"])
       mask = jax.make_array_from_process_local_data(sharding, local["mask"])
-      index = jax.make_array_from_process_local_data(sharding, local["index"])
+      index = jax.make_array_from_process_local_data(
+          sharding, positions[local["index"]].astype(np.int32))
+      where = jax.make_array_from_process_local_data(
+          sharding, split_index[local["index"]].astype(np.int32))
       predicted = predict(images)
       valid = _gather(mask)
+      per_image["_index"].append(_gather(where)[valid])
       per_image["_labels"].append(_gather(labels)[valid])
       per_image["_predicted"].append(_gather(predicted)[valid])
       class_sets = {"predicted": predicted}
@@ -340,6 +362,9 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
       "jax": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+      # The images: the draw of num_examples (0: all of the split), or a chunk of it.
+      "examples": {"num_examples": int(limit), "chunk": None if chunk is None else list(chunk),
+                   "n": len(source)},
       "methods": {}, "protocols": {}}
   if "l2r_refined" in methods:  # what 'l2r_refined' ran with, as the protocols below
     results["refine"] = dataclasses.asdict(refine_config)
@@ -364,15 +389,17 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
     if verbose:
       print(table)
     if write:
-      with open(os.path.join(workdir, "results.json"), "w") as f:
+      out = output_dir or workdir
+      os.makedirs(out, exist_ok=True)
+      with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-      with open(os.path.join(workdir, "results.md"), "w") as f:
+      with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table)
-      np.savez(os.path.join(workdir, "per_image.npz"),
+      np.savez(os.path.join(out, "per_image.npz"),
                **{k: np.concatenate(v) for k, v in per_image.items()})
       if "curves" in results:
-        plot_curves(results, os.path.join(workdir, "curves.png"))
-      plot_examples(figure, methods, os.path.join(workdir, "examples.png"))
+        plot_curves(results, os.path.join(out, "curves.png"))
+      plot_examples(figure, methods, os.path.join(out, "examples.png"))
   return results
 
 
@@ -422,6 +449,11 @@ def markdown(results: dict[str, Any]) -> str:
   """results.json as Markdown: one table per protocol, mean +- standard error."""
   lines = [f"# Evaluation of {results['workdir']} ({results['target']}, split "
            f"{results['split']!r})", ""]
+  chunk = results.get("examples", {}).get("chunk")
+  if chunk:
+    lines += [f"Images {chunk[0]} to {chunk[1] - 1} of the draw of "
+              f"{results['examples']['num_examples'] or 'all'} (a chunk: merge the chunks' "
+              f"per_image.npz with scripts/merge_evaluations.py).", ""]
   if "refine" in results:
     r = results["refine"]
     lines += [f"l2r_refined: {r['steps']} steps of Adam at learning rate {r['learning_rate']:g}, "

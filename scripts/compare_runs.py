@@ -43,6 +43,10 @@ def compare(base: dict[str, np.ndarray], new: dict[str, np.ndarray], base_method
     if key not in base or key not in new or not np.array_equal(base[key], new[key]):
       raise ValueError(f"the two evaluations did not score the same images ({key[1:]} differ): "
                        f"evaluate both with the same split and --num_examples")
+  if "_index" in base and "_index" in new and not np.array_equal(base["_index"], new["_index"]):
+    raise ValueError("the two evaluations did not score the same images (their indices in the "
+                     "split differ): evaluate both with the same split, --num_examples and "
+                     "--chunk")
   prefix_a, prefix_b = f"{base_method}/", f"{new_method}/"
   scores_a = {k[len(prefix_a):] for k in base if k.startswith(prefix_a)}
   scores_b = {k[len(prefix_b):] for k in new if k.startswith(prefix_b)}

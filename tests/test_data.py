@@ -343,6 +343,29 @@ def test_subsample_is_fixed_and_spread_over_a_class_sorted_source():
   assert sources.subsample(test, 0) is test and sources.subsample(test, 5000) is test
 
 
+def test_chunks_of_a_draw_partition_it_and_keep_each_images_position():
+  """draw_chunk: consecutive chunks of the 50-digit draw hold its 50 digits once each, the first
+  chunk of n is the draw of n (subsample's draws are nested), and each digit's position is its
+  place in the whole draw; the same for a draw of all of the source."""
+  test = data.create("mnist5k", split="test")
+  for n in (50, 0):
+    whole = sources.subsample(test, n)
+    indices = np.asarray(getattr(whole, "indices", np.arange(len(test))))
+    size = len(indices)
+    cuts = (0, 7, 20, size)
+    chunks = [sources.draw_chunk(test, n, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+    got = np.concatenate([c.indices for c, _ in chunks])
+    np.testing.assert_array_equal(np.sort(got), indices)
+    for chunk, positions in chunks:
+      assert np.all(np.diff(chunk.indices) > 0)
+      np.testing.assert_array_equal(indices[positions], chunk.indices)
+      np.testing.assert_array_equal(chunk.labels, test.labels[chunk.indices])
+    np.testing.assert_array_equal(chunks[0][0].indices, sources.subsample(test, 7).indices)
+  for start, stop in ((5, 5), (-1, 3), (0, 51)):
+    with pytest.raises(ValueError, match=f"chunk {start}:{stop} must satisfy"):
+      sources.draw_chunk(test, 50, start, stop)
+
+
 # The configs' held-out splits on the real data: no evaluation image is in training (checked by
 # content, not only by index), and on imagenet_samples no evaluation class either.
 _CONFIG_DATA = (("configs/vit.py", None, ""),

@@ -229,6 +229,59 @@ def test_compare_runs_pairs_the_same_images(run, capsys):
     compare_runs.compare(base, base, "l2r", "gradient")
 
 
+def test_a_chunk_scores_its_images_as_the_whole_evaluation_does(run, tmp_path):
+  """evaluate(chunk=...): the images 5..11 of the fixture's 12-image draw, written to their own
+  output_dir, score as they did in the whole evaluation, the random and refined maps included
+  (each image keeps its key); merged with the other chunk's scores, they give the whole table."""
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+  import merge_evaluations
+
+  workdir, results = run
+  whole = dict(np.load(os.path.join(workdir, "per_image.npz")))
+  before = open(os.path.join(workdir, "results.json")).read()
+  methods = ("l2r", "l2r_refined", "random")
+  out = str(tmp_path / "part")
+  part = evaluate.evaluate(workdir, methods=methods, protocol_names=("paper",), batch_size=4,
+                           refine_steps=2, refine_samples=2, chunk=(5, 12), output_dir=out,
+                           verbose=False)
+  assert open(os.path.join(workdir, "results.json")).read() == before  # the workdir's untouched
+  assert part["examples"] == {"num_examples": 12, "chunk": [5, 12], "n": 7}
+  assert "Images 5 to 11 of the draw of 12" in open(os.path.join(out, "results.md")).read()
+  got = dict(np.load(os.path.join(out, "per_image.npz")))
+  assert len(got["_index"]) == 7 and set(got["_index"]) < set(whole["_index"])
+  rows = np.searchsorted(whole["_index"], got["_index"])
+  np.testing.assert_array_equal(whole["_index"][rows], got["_index"])
+  for key in ("_labels", "_predicted", *(f"{m}/paper/{k}" for m in methods
+                                         for k in ("deletion", "insertion"))):
+    np.testing.assert_allclose(got[key], whole[key][rows], rtol=1e-5, atol=1e-6, err_msg=key)
+  # The rest of the draw, taken from the whole evaluation's scores, completes it.
+  rest = np.setdiff1d(np.arange(12), rows)
+  other = {k: v[rest] for k, v in whole.items()}
+  merged, dropped = merge_evaluations.merge([other, got], ["rest", "part"])
+  assert "gradcam/paper/deletion" in dropped and "l2r/paper/deletion" in merged
+  order = np.argsort(merged["_index"])
+  for key in merged:
+    np.testing.assert_allclose(merged[key][order], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  table = merge_evaluations.markdown(merged)
+  d = merged["random/paper/deletion"] - merged["l2r/paper/deletion"]
+  want = results["methods"]["random"]["paper"]["deletion_minus_l2r"]
+  np.testing.assert_allclose((d.mean(), d.std(ddof=1) / np.sqrt(12)), (want["mean"], want["se"]),
+                             atol=1e-5)
+  assert "{:+.4f} +- {:.4f}".format(*merge_evaluations.mean_se(d)) in table
+  assert table.startswith("12 images")
+  with pytest.raises(ValueError, match="is in both"):
+    merge_evaluations.merge([whole, got], ["whole", "part"])
+  unindexed = {k: v for k, v in other.items() if k != "_index"}
+  with pytest.raises(ValueError, match="--assume_disjoint"):
+    merge_evaluations.merge([unindexed, got], ["old", "part"])
+  assert len(merge_evaluations.merge([unindexed, got], ["old", "part"],
+                                     assume_disjoint=True)[0]["_labels"]) == 12
+  with pytest.raises(ValueError, match="chunk 5:13 must satisfy"):
+    evaluate.evaluate(workdir, methods=("l2r",), protocol_names=("paper",), chunk=(5, 13),
+                      write=False, verbose=False)
+
+
 def test_a_methods_random_draw_does_not_depend_on_the_other_methods_or_the_batch(run):
   """The stochastic methods score the same alone as beside the other methods (their keys follow
   the method's name, not its place in --methods), and in batches of 4 as of 8 (each image's key

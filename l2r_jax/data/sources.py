@@ -286,3 +286,22 @@ def subsample(source: Any, n: int) -> Any:
     return source
   picked = np.sort(np.random.default_rng(SPLIT_SEED).permutation(len(source))[:n])
   return Subset(source, picked, f"{getattr(source, 'name', 'source')}[{n} of {len(source)}]")
+
+
+def draw_chunk(source: Any, n: int, start: int, stop: int) -> tuple[Any, np.ndarray]:
+  """Part of the draw `subsample(source, n)`, for an evaluation in chunks: its examples
+  start..stop-1 in draw order (the fixed shuffle's), as a Subset in source order, with their
+  positions in `subsample(source, n)` (i64[k]). Chunks 0:a, a:b, ..., c:n partition the draw,
+  and an example keeps its position whichever chunk holds it, so what depends on the position
+  (evaluate's per-image random keys) is the same as in one evaluation of the whole draw.
+
+  n: as subsample's (0 or >= len(source): all of it, drawn in the same fixed shuffle)."""
+  size = len(source) if not n or n >= len(source) else n
+  if not 0 <= start < stop <= size:
+    raise ValueError(f"the chunk {start}:{stop} must satisfy 0 <= start < stop <= {size} (the "
+                     f"number of examples drawn: --num_examples, or all {len(source)})")
+  order = np.random.default_rng(SPLIT_SEED).permutation(len(source))[:size]
+  drawn = np.sort(order)  # subsample(source, n)'s indices (all of them when size == len)
+  positions = np.flatnonzero(np.isin(drawn, order[start:stop]))
+  name = f"{getattr(source, 'name', 'source')}[{n or len(source)} of {len(source)}][{start}:{stop}]"
+  return Subset(source, drawn[positions], name), positions

@@ -11,7 +11,8 @@ evaluate.py recorded it can only be merged with --assume_disjoint). The scores m
 every part has; the others are named and left out. Printed per protocol: each method's mean +-
 standard error over all the parts' images, and where 'l2r' was scored, each other method's paired
 per-image difference to it (the s.e. of the differences shows whether a gap is real). With
---out, the merged per-image scores are written there, in the parts' order, for
+--out, the merged per-image scores are written there, in the split's order (the order one
+evaluation of the same images gives; the parts' order for --assume_disjoint), for
 scripts/compare_runs.py.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ LOWER_IS_BETTER = {"deletion": True, "insertion": False, "pos": True, "neg": Fal
 
 def merge(parts: list[dict[str, np.ndarray]], names: list[str],
           assume_disjoint: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
-  """(the parts' per-image arrays concatenated, the keys left out because a part lacks them)."""
+  """(the parts' per-image arrays concatenated and put in the split's order, the keys left out
+  because a part lacks them)."""
   if not parts:
     raise ValueError("give at least one part (a per_image.npz or the directory holding it)")
   unindexed = [n for p, n in zip(parts, names) if "_index" not in p]
@@ -59,7 +61,11 @@ def merge(parts: list[dict[str, np.ndarray]], names: list[str],
     for p, n, length in zip(parts, names, lengths):
       if len(p[key]) != length:
         raise ValueError(f"{n}: {key!r} has {len(p[key])} entries for {length} images")
-  return {k: np.concatenate([p[k] for p in parts]) for k in sorted(common)}, dropped
+  merged = {k: np.concatenate([p[k] for p in parts]) for k in sorted(common)}
+  if not unindexed:  # the split's order, as one evaluation of these images would give them
+    order = np.argsort(merged["_index"], kind="stable")
+    merged = {k: v[order] for k, v in merged.items()}
+  return merged, dropped
 
 
 def markdown(merged: dict[str, np.ndarray]) -> str:

@@ -6,7 +6,10 @@ of run B (e.g. an explainer before and after a change of its training), score by
 
 Each side is a workdir (or its per_image.npz, written by evaluate.py) with an optional ':method'
 (default l2r). The two evaluations must have scored the same images in the same order (the same
-split and --num_examples): their labels and predicted classes are checked. Per score common to
+split and --num_examples): their labels and predicted classes are checked. Where both recorded
+each image's index in the split ('_index'), they are paired on the images both scored, whatever
+the order: a chunk (evaluate.py --chunk) or merged chunks (scripts/merge_evaluations.py) against
+an evaluation of the whole held-out set; the table gives n. Per score common to
 both: each side's mean +- standard error and the paired per-image difference new - base (its
 standard error is that of the differences, so a real gap shows even where the two means' error
 bars overlap).
@@ -35,18 +38,32 @@ def mean_se(x: np.ndarray) -> tuple[float, float]:
   return float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
+def common_images(base: dict[str, np.ndarray],
+                  new: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Both evaluations cut to the images both scored (matched on '_index', each image's index in
+  the held-out split), in the base's order: e.g. a chunk (evaluate.py --chunk) against the
+  whole held-out set."""
+  for side, data in (("base", base), ("new", new)):
+    if len(np.unique(data["_index"])) != len(data["_index"]):
+      raise ValueError(f"the {side} evaluation scored an image twice (its '_index' repeats)")
+  shared, rows_a, rows_b = np.intersect1d(base["_index"], new["_index"], return_indices=True)
+  if not len(shared):
+    raise ValueError("the two evaluations have no image in common (their '_index' are disjoint)")
+  keep = np.argsort(rows_a)
+  rows_a, rows_b = rows_a[keep], rows_b[keep]
+  return ({k: v[rows_a] for k, v in base.items()}, {k: v[rows_b] for k, v in new.items()})
+
+
 def compare(base: dict[str, np.ndarray], new: dict[str, np.ndarray], base_method: str,
             new_method: str) -> list[dict]:
   """One row per 'protocol/score' both sides have for their method: {'score', 'n', 'base',
   'new', 'diff'} with (mean, se) pairs; diff = new - base paired per image."""
+  if "_index" in base and "_index" in new:
+    base, new = common_images(base, new)
   for key in ("_labels", "_predicted"):
     if key not in base or key not in new or not np.array_equal(base[key], new[key]):
       raise ValueError(f"the two evaluations did not score the same images ({key[1:]} differ): "
                        f"evaluate both with the same split and --num_examples")
-  if "_index" in base and "_index" in new and not np.array_equal(base["_index"], new["_index"]):
-    raise ValueError("the two evaluations did not score the same images (their indices in the "
-                     "split differ): evaluate both with the same split, --num_examples and "
-                     "--chunk")
   prefix_a, prefix_b = f"{base_method}/", f"{new_method}/"
   scores_a = {k[len(prefix_a):] for k in base if k.startswith(prefix_a)}
   scores_b = {k[len(prefix_b):] for k in new if k.startswith(prefix_b)}

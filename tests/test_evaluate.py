@@ -227,6 +227,16 @@ def test_compare_runs_pairs_the_same_images(run, capsys):
       compare_runs.compare(base, shuffled, "l2r", "l2r")
   with pytest.raises(ValueError, match="matches one of 'gradient' in the new one"):
     compare_runs.compare(base, base, "l2r", "gradient")
+  # Indexed evaluations pair on the images both scored, matched by index, whatever the order.
+  rows_b = np.array([7, 1, 3])
+  part = {k: v[rows_b] for k, v in base.items()}
+  got = {r["score"]: r for r in compare_runs.compare(base, part, "l2r", "random")}
+  d = base["random/paper/deletion"][[1, 3, 7]] - base["l2r/paper/deletion"][[1, 3, 7]]
+  assert got["paper/deletion"]["n"] == 3
+  np.testing.assert_allclose(got["paper/deletion"]["diff"], compare_runs.mean_se(d), atol=1e-7)
+  rest = {k: v[np.setdiff1d(np.arange(12), rows_b)] for k, v in base.items()}
+  with pytest.raises(ValueError, match="no image in common"):
+    compare_runs.compare(rest, part, "l2r", "l2r")
 
 
 def test_a_chunk_scores_its_images_as_the_whole_evaluation_does(run, tmp_path):

@@ -23,10 +23,10 @@ import sys
 
 import numpy as np
 
+from l2r_jax.evaluate import LOWER_IS_BETTER
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from compare_runs import load, mean_se  # noqa: E402 (the sibling script, not a package)
-
-LOWER_IS_BETTER = {"deletion": True, "insertion": False, "pos": True, "neg": False}
 
 
 def merge(parts: list[dict[str, np.ndarray]], names: list[str],

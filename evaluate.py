@@ -26,6 +26,9 @@ flags.DEFINE_integer("batch_size", None, "global batch (default: the run's)")
 flags.DEFINE_integer("refine_steps", 10, "test-time refinement steps of 'l2r_refined'")
 flags.DEFINE_float("refine_learning_rate", None, "its Adam learning rate (default: the run's "
                    "config.eval.refine_learning_rate)")
+flags.DEFINE_float("refine_deletion_weight", None, "the weight of the deletion AUC in its loss, "
+                   "insertion's being 1 (default: the run's config.eval.refine_deletion_weight, "
+                   "1 as in the paper's loss)")
 flags.DEFINE_integer("ig_steps", 50, "Integrated Gradients steps")
 flags.DEFINE_integer("rise_masks", 4000, "RISE masks")
 flags.DEFINE_integer("rise_grid", 7, "RISE grid side (7 at 224 px; 4 for CIFAR's 32 px)")
@@ -63,6 +66,7 @@ def main(argv):
       protocol_names=FLAGS.protocols or evaluate.DEFAULT_PROTOCOLS,
       num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
       refine_steps=FLAGS.refine_steps, refine_learning_rate=FLAGS.refine_learning_rate,
+      refine_deletion_weight=FLAGS.refine_deletion_weight,
       baseline_options=baselines.Options(ig_steps=FLAGS.ig_steps, rise_masks=FLAGS.rise_masks,
                                          rise_grid=FLAGS.rise_grid),
       chunk=chunk, output_dir=FLAGS.output_dir, overrides=overrides)

@@ -88,20 +88,27 @@ def protocols(config: Any, target: Any, names: Sequence[str]) -> dict[str, Any]:
 
 
 def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
-                    num_samples: int = 6) -> refine_lib.RefineConfig:
+                    num_samples: int = 6, deletion_weight: float | None = None
+                    ) -> refine_lib.RefineConfig:
   """Test-time refinement for the run of `config`: its references, mean colour and blur, and the
   finer half of its training grids (at most two; refinement sharpens what the single pass gives).
 
   learning_rate: None takes the run's `eval.refine_learning_rate`; a run written before that
   field existed gets RefineConfig's default (0.1), the rate it was evaluated with then.
+  deletion_weight: the weight of the deletion AUC in the refinement loss (insertion's is 1);
+  None takes the run's `eval.refine_deletion_weight`, 1 (the paper's loss) for a run without it.
   """
   if learning_rate is None:
     learning_rate = config.eval.get("refine_learning_rate", refine_lib.RefineConfig.learning_rate)
+  if deletion_weight is None:
+    deletion_weight = config.eval.get("refine_deletion_weight", 1.0)
+  objective = dataclasses.replace(refine_lib.RefineConfig.objective,
+                                  deletion_weight=deletion_weight)
   return refine_lib.RefineConfig(
       steps=steps, learning_rate=learning_rate, num_samples=num_samples,
       grids=tuple(sorted(config.grids))[len(config.grids) // 2:][:2],
       references=tuple(config.references), mean_color=tuple(config.mean_color),
-      blur_size=config.blur_size, blur_sigma=config.blur_sigma)
+      blur_size=config.blur_size, blur_sigma=config.blur_sigma, objective=objective)
 
 
 def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
@@ -160,7 +167,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
              protocol_names: Sequence[str] = DEFAULT_PROTOCOLS, num_examples: int | None = None,
              batch_size: int | None = None, refine_steps: int = 10,
              refine_learning_rate: float | None = None, refine_samples: int = 6,
-             baseline_options: Any = None, chunk: tuple[int, int] | None = None,
+             refine_deletion_weight: float | None = None, baseline_options: Any = None,
+             chunk: tuple[int, int] | None = None,
              overrides: dict[str, Any] | None = None, num_figure_examples: int = 4,
              output_dir: str | None = None, write: bool = True,
              verbose: bool = True) -> dict[str, Any]:
@@ -174,7 +182,7 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
   chunks' per_image.npz files merge into that evaluation's table
   (scripts/merge_evaluations.py). An evaluation too long for one job runs as several.
 
-  refine_learning_rate: None takes the run's (`refine_settings`).
+  refine_learning_rate, refine_deletion_weight: None takes the run's (`refine_settings`).
 
   overrides: config fields of the run to change, {'eval.reference': 'black', ...}; an unknown
   field is an error.
@@ -208,7 +216,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
     methods = [m for m in methods if m != "rollout"]
   methods = list(methods)  # attention rollout is for ViTs only
   chosen = protocols(config, target, protocol_names)
-  refine_config = refine_settings(config, refine_steps, refine_learning_rate, refine_samples)
+  refine_config = refine_settings(config, refine_steps, refine_learning_rate, refine_samples,
+                                  refine_deletion_weight)
   baseline_options = baseline_options or baselines.Options()
   mesh = train.data_mesh()
   batch_size = batch_size or config.eval.batch_size or config.batch_size
@@ -458,7 +467,8 @@ def markdown(results: dict[str, Any]) -> str:
     r = results["refine"]
     lines += [f"l2r_refined: {r['steps']} steps of Adam at learning rate {r['learning_rate']:g}, "
               f"{r['num_samples']} samples per step on grids {tuple(r['grids'])}, tau "
-              f"{r['tau']:g}, references {', '.join(r['references'])}.", ""]
+              f"{r['tau']:g}, references {', '.join(r['references'])}, deletion weight "
+              f"{r['objective']['deletion_weight']:g}.", ""]
   methods = results["methods"]
   paired = "l2r" in methods and len(methods) > 1
   for name in results["protocols"]:

@@ -4,8 +4,9 @@ The paper's abstract promises an optional few-step refinement at test time (the 
 does not contain it; METHOD.md). Starting from a map (the explainer's, or any method's), the map
 itself is the parameter: each step draws `num_samples` soft deletion / insertion sweeps of the
 image (Gumbel noise, grid sizes and references cycled over the samples), and Adam descends
-AUC_del + (1 - AUC_ins) + peak penalty for the explained class. steps = 0 returns the map as it
-is, so the single-pass explainer is the special case.
+w AUC_del + (1 - AUC_ins) + peak penalty for the explained class (w: the objective's
+deletion_weight, 1 as in the paper's loss). steps = 0 returns the map as it is, so the
+single-pass explainer is the special case.
 
 The starting map is standardised per image ((h - mean) / std, which keeps its ranking), so maps
 of any scale (gradients ~1e-3, logits ~10) start from the same place; the cell scores are then
@@ -92,12 +93,13 @@ def _references(images: Array, config: RefineConfig) -> dict[str, Array]:
 
 def _sample_loss(apply_fn: ApplyFn, images: Array, maps: Array, references: Array,
                  classes: Array, keys: Array, grid: int, config: RefineConfig) -> Array:
-  """AUC_del + (1 - AUC_ins) of one sample (keys[B], one grid and reference): f32[B]."""
+  """w AUC_del + (1 - AUC_ins) of one sample (keys[B], one grid and reference), w the
+  objective's deletion_weight: f32[B]."""
   curves = objectives.soft_curves(apply_fn, images, maps, references, classes[:, None],
                                   key=keys, grid=grid,
                                   tau=config.tau, config=config.objective)
   auc = objectives.trapezoid_auc(curves, config.objective.fractions)[:, :, 0]  # [B, 2]
-  return auc[:, 0] + 1.0 - auc[:, 1]
+  return config.objective.deletion_weight * auc[:, 0] + 1.0 - auc[:, 1]
 
 
 def _peak_loss(maps: Array, config: RefineConfig) -> Array:
@@ -109,8 +111,8 @@ def _peak_loss(maps: Array, config: RefineConfig) -> Array:
 def objective(apply_fn: ApplyFn, images: Array, maps: Array, classes: Array, key: Array,
               config: RefineConfig = RefineConfig()) -> Array:
   """The refinement loss of each image, f32[B]: the mean over the samples of
-  AUC_del + (1 - AUC_ins) of `classes` i32[B], plus the peak penalty of its map. `key`: one
-  PRNG key, or one per image (keys[B], `refine`)."""
+  w AUC_del + (1 - AUC_ins) of `classes` i32[B] (w: config.objective.deletion_weight), plus the
+  peak penalty of its map. `key`: one PRNG key, or one per image (keys[B], `refine`)."""
   refs = _references(images, config)
   keys = _split(_image_keys(key, images.shape[0]), config.num_samples)
   total = jnp.zeros(images.shape[0], jnp.float32)

@@ -331,3 +331,13 @@ def test_refine_settings_take_the_runs_learning_rate():
   c.eval.refine_learning_rate = 0.0
   with pytest.raises(ValueError, match="learning_rate must be > 0"):
     evaluate.refine_settings(c, 10)
+  # The deletion weight likewise: the run's (1, the paper's loss), a given one, 1 for old runs.
+  c = efficientnet_config.get_config()
+  assert evaluate.refine_settings(c, 10).objective.deletion_weight == 1.0
+  assert evaluate.refine_settings(c, 10, deletion_weight=0.5).objective.deletion_weight == 0.5
+  del old.eval["refine_deletion_weight"]
+  assert evaluate.refine_settings(old, 10).objective.deletion_weight == 1.0
+  settings = evaluate.refine_settings(c, 10, deletion_weight=0.5).objective
+  assert settings.normalize_scores and settings.num_fractions == 16  # the rest as before
+  with pytest.raises(ValueError, match="deletion_weight"):
+    evaluate.refine_settings(c, 10, deletion_weight=-1.0)

@@ -77,6 +77,29 @@ def test_an_images_refinement_follows_its_own_key_only():
                                                jax.random.split(jax.random.key(7), 2))))
 
 
+def test_the_deletion_weight_scales_the_deletion_term_only():
+  """objective(w) = w mean AUC_del + mean(1 - AUC_ins) + peak: linear in w, its slope the mean
+  deletion AUC of the samples (in (0, 1)), the same draws whatever w is."""
+  images, maps, classes = _setup()
+
+  def loss(w):
+    config = dataclasses.replace(CONFIG, objective=dataclasses.replace(CONFIG.objective,
+                                                                       deletion_weight=w))
+    return np.asarray(refine.objective(quadrant_target, images, maps, classes,
+                                       jax.random.key(5), config), np.float64)
+
+  zero, one, three = loss(0.0), loss(1.0), loss(3.0)
+  slope = one - zero
+  assert np.all((slope > 0.01) & (slope < 1.0)), slope
+  np.testing.assert_allclose(three - one, 2.0 * slope, rtol=1e-4, atol=1e-6)
+  # Insertion alone (w = 0) and deletion weighted refine to different maps.
+  config = dataclasses.replace(CONFIG, steps=3)
+  run = lambda w: refine.refine(quadrant_target, images, maps, classes, jax.random.key(2),
+                                dataclasses.replace(config, objective=dataclasses.replace(
+                                    config.objective, deletion_weight=w)))[0]
+  assert float(jnp.abs(run(0.0) - run(1.0)).max()) > 1e-3
+
+
 def test_standardize_keeps_the_ranking():
   maps = jax.random.normal(jax.random.key(3), (3, 5, 5)) * 1e-3 + 7.0
   out = refine.standardize(maps)

@@ -29,6 +29,9 @@ flags.DEFINE_float("refine_learning_rate", None, "its Adam learning rate (defaul
 flags.DEFINE_float("refine_deletion_weight", None, "the weight of the deletion AUC in its loss, "
                    "insertion's being 1 (default: the run's config.eval.refine_deletion_weight, "
                    "1 as in the paper's loss)")
+flags.DEFINE_multi_string("refine_set", [], "set a refinement setting of 'l2r_refined': "
+                          "--refine_set field=value, a field of refine.RefineConfig (tau=0.1, "
+                          "grids=(7,14), objective.num_iters=50, ...)")
 flags.DEFINE_integer("ig_steps", 50, "Integrated Gradients steps")
 flags.DEFINE_integer("rise_masks", 4000, "RISE masks")
 flags.DEFINE_integer("rise_grid", 7, "RISE grid side (7 at 224 px; 4 for CIFAR's 32 px)")
@@ -37,21 +40,28 @@ flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
 
+def _assignments(items, flag):
+  """{key: value} of --flag key=value items, values read as Python literals where they are."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--{flag} takes key=value, got {item!r}")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)
   from l2r_jax import baselines
   from l2r_jax import evaluate
-  overrides = {}
-  for item in FLAGS.set:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set takes key=value, got {item!r}")
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value
+  overrides, refine_overrides = _assignments(FLAGS.set, "set"), _assignments(FLAGS.refine_set,
+                                                                            "refine_set")
   chunk = None
   if FLAGS.chunk is not None:
     start, sep, stop = FLAGS.chunk.partition(":")
@@ -66,7 +76,7 @@ def main(argv):
       protocol_names=FLAGS.protocols or evaluate.DEFAULT_PROTOCOLS,
       num_examples=FLAGS.num_examples, batch_size=FLAGS.batch_size,
       refine_steps=FLAGS.refine_steps, refine_learning_rate=FLAGS.refine_learning_rate,
-      refine_deletion_weight=FLAGS.refine_deletion_weight,
+      refine_deletion_weight=FLAGS.refine_deletion_weight, refine_overrides=refine_overrides,
       baseline_options=baselines.Options(ig_steps=FLAGS.ig_steps, rise_masks=FLAGS.rise_masks,
                                          rise_grid=FLAGS.rise_grid),
       chunk=chunk, output_dir=FLAGS.output_dir, overrides=overrides)

@@ -88,8 +88,8 @@ def protocols(config: Any, target: Any, names: Sequence[str]) -> dict[str, Any]:
 
 
 def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
-                    num_samples: int = 6, deletion_weight: float | None = None
-                    ) -> refine_lib.RefineConfig:
+                    num_samples: int = 6, deletion_weight: float | None = None,
+                    overrides: dict[str, Any] | None = None) -> refine_lib.RefineConfig:
   """Test-time refinement for the run of `config`: its references, mean colour and blur, and the
   finer half of its training grids (at most two; refinement sharpens what the single pass gives).
 
@@ -97,6 +97,8 @@ def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
   field existed gets RefineConfig's default (0.1), the rate it was evaluated with then.
   deletion_weight: the weight of the deletion AUC in the refinement loss (insertion's is 1);
   None takes the run's `eval.refine_deletion_weight`, 1 (the paper's loss) for a run without it.
+  overrides: RefineConfig fields to set last, {'tau': 0.1, 'grids': (7, 14),
+  'objective.num_iters': 50, ...} (evaluate.py --refine_set); an unknown field is an error.
   """
   if learning_rate is None:
     learning_rate = config.eval.get("refine_learning_rate", refine_lib.RefineConfig.learning_rate)
@@ -104,11 +106,27 @@ def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
     deletion_weight = config.eval.get("refine_deletion_weight", 1.0)
   objective = dataclasses.replace(refine_lib.RefineConfig.objective,
                                   deletion_weight=deletion_weight)
-  return refine_lib.RefineConfig(
+  settings = refine_lib.RefineConfig(
       steps=steps, learning_rate=learning_rate, num_samples=num_samples,
       grids=tuple(sorted(config.grids))[len(config.grids) // 2:][:2],
       references=tuple(config.references), mean_color=tuple(config.mean_color),
       blur_size=config.blur_size, blur_sigma=config.blur_sigma, objective=objective)
+  for field, value in (overrides or {}).items():
+    value = tuple(value) if isinstance(value, list) else value
+    owner, _, name = field.rpartition(".")
+    node = {"": settings, "objective": settings.objective}.get(owner)
+    names = [f.name for f in dataclasses.fields(node)] if node is not None else []
+    if name not in names:
+      known = [f.name for f in dataclasses.fields(settings) if f.name != "objective"]
+      known += [f"objective.{f.name}" for f in dataclasses.fields(settings.objective)]
+      raise ValueError(f"unknown refinement field {field!r} (--refine_set); the fields are "
+                       f"{', '.join(known)}")
+    if owner:
+      settings = dataclasses.replace(
+          settings, objective=dataclasses.replace(settings.objective, **{name: value}))
+    else:
+      settings = dataclasses.replace(settings, **{name: value})
+  return settings
 
 
 def load_run(workdir: str) -> tuple[Any, Any, Any, Any, Any]:
@@ -167,7 +185,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
              protocol_names: Sequence[str] = DEFAULT_PROTOCOLS, num_examples: int | None = None,
              batch_size: int | None = None, refine_steps: int = 10,
              refine_learning_rate: float | None = None, refine_samples: int = 6,
-             refine_deletion_weight: float | None = None, baseline_options: Any = None,
+             refine_deletion_weight: float | None = None,
+             refine_overrides: dict[str, Any] | None = None, baseline_options: Any = None,
              chunk: tuple[int, int] | None = None,
              overrides: dict[str, Any] | None = None, num_figure_examples: int = 4,
              output_dir: str | None = None, write: bool = True,
@@ -182,7 +201,8 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
   chunks' per_image.npz files merge into that evaluation's table
   (scripts/merge_evaluations.py). An evaluation too long for one job runs as several.
 
-  refine_learning_rate, refine_deletion_weight: None takes the run's (`refine_settings`).
+  refine_learning_rate, refine_deletion_weight: None takes the run's (`refine_settings`);
+  refine_overrides: RefineConfig fields to set (`refine_settings`).
 
   overrides: config fields of the run to change, {'eval.reference': 'black', ...}; an unknown
   field is an error.
@@ -217,7 +237,7 @@ def evaluate(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS,
   methods = list(methods)  # attention rollout is for ViTs only
   chosen = protocols(config, target, protocol_names)
   refine_config = refine_settings(config, refine_steps, refine_learning_rate, refine_samples,
-                                  refine_deletion_weight)
+                                  refine_deletion_weight, refine_overrides)
   baseline_options = baseline_options or baselines.Options()
   mesh = train.data_mesh()
   batch_size = batch_size or config.eval.batch_size or config.batch_size

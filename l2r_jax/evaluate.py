@@ -488,7 +488,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"l2r_refined: {r['steps']} steps of Adam at learning rate {r['learning_rate']:g}, "
               f"{r['num_samples']} samples per step on grids {tuple(r['grids'])}, tau "
               f"{r['tau']:g}, references {', '.join(r['references'])}, deletion weight "
-              f"{r['objective']['deletion_weight']:g}.", ""]
+              f"{r.get('objective', {}).get('deletion_weight', 1.0):g}.", ""]
   methods = results["methods"]
   paired = "l2r" in methods and len(methods) > 1
   for name in results["protocols"]:

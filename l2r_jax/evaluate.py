@@ -103,7 +103,8 @@ def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
   if learning_rate is None:
     learning_rate = config.eval.get("refine_learning_rate", refine_lib.RefineConfig.learning_rate)
   if deletion_weight is None:
-    deletion_weight = config.eval.get("refine_deletion_weight", 1.0)
+    deletion_weight = config.eval.get("refine_deletion_weight",
+                                      refine_lib.RefineConfig.objective.deletion_weight)
   objective = dataclasses.replace(refine_lib.RefineConfig.objective,
                                   deletion_weight=deletion_weight)
   settings = refine_lib.RefineConfig(
@@ -111,16 +112,14 @@ def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
       grids=tuple(sorted(config.grids))[len(config.grids) // 2:][:2],
       references=tuple(config.references), mean_color=tuple(config.mean_color),
       blur_size=config.blur_size, blur_sigma=config.blur_sigma, objective=objective)
+  known = [f.name for f in dataclasses.fields(settings) if f.name != "objective"]
+  known += [f"objective.{f.name}" for f in dataclasses.fields(settings.objective)]
   for field, value in (overrides or {}).items():
-    value = tuple(value) if isinstance(value, list) else value
-    owner, _, name = field.rpartition(".")
-    node = {"": settings, "objective": settings.objective}.get(owner)
-    names = [f.name for f in dataclasses.fields(node)] if node is not None else []
-    if name not in names:
-      known = [f.name for f in dataclasses.fields(settings) if f.name != "objective"]
-      known += [f"objective.{f.name}" for f in dataclasses.fields(settings.objective)]
+    if field not in known:
       raise ValueError(f"unknown refinement field {field!r} (--refine_set); the fields are "
                        f"{', '.join(known)}")
+    value = tuple(value) if isinstance(value, list) else value
+    owner, _, name = field.rpartition(".")
     if owner:
       settings = dataclasses.replace(
           settings, objective=dataclasses.replace(settings.objective, **{name: value}))

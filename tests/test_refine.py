@@ -100,6 +100,28 @@ def test_the_deletion_weight_scales_the_deletion_term_only():
   assert float(jnp.abs(run(0.0) - run(1.0)).max()) > 1e-3
 
 
+def test_the_loss_sees_the_scaled_standardised_map():
+  """Each step's loss is `objective` of scale x the standardised map (the first step's, of the
+  start), and the refined map comes back at that scale; without normalised scores the scale
+  sharpens the sort, so it changes the refined map."""
+  images, maps, classes = _setup()
+  objective = dataclasses.replace(CONFIG.objective, normalize_scores=False)
+  key = jax.random.key(6)
+  first_step_keys = refine._split(refine._image_keys(key, 2), 1)[0]
+  out = {}
+  for scale in (1.0, 6.0):
+    config = dataclasses.replace(CONFIG, steps=2, scale=scale, objective=objective)
+    out[scale], losses = refine.refine(quadrant_target, images, maps, classes, key, config)
+    expected = refine.objective(quadrant_target, images, scale * refine.standardize(maps),
+                                classes, first_step_keys, config)
+    np.testing.assert_allclose(np.asarray(losses[0]), np.asarray(expected), rtol=1e-5,
+                               atol=1e-6)
+    # Two Adam steps of at most ~learning_rate each on the standardised map.
+    drift = np.abs(np.asarray(out[scale]) / scale - np.asarray(refine.standardize(maps)))
+    assert drift.max() <= 2 * config.learning_rate * 1.01, drift.max()
+  assert float(jnp.abs(out[6.0] / 6.0 - out[1.0]).max()) > 1e-3
+
+
 def test_standardize_keeps_the_ranking():
   maps = jax.random.normal(jax.random.key(3), (3, 5, 5)) * 1e-3 + 7.0
   out = refine.standardize(maps)
@@ -120,3 +142,5 @@ def test_bad_inputs():
     refine.RefineConfig(steps=-1)
   with pytest.raises(ValueError, match="references"):
     refine.RefineConfig(references=("grey",))
+  with pytest.raises(ValueError, match="scale"):
+    refine.RefineConfig(scale=0.0)

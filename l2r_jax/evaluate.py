@@ -97,6 +97,8 @@ def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
   field existed gets RefineConfig's default (0.1), the rate it was evaluated with then.
   deletion_weight: the weight of the deletion AUC in the refinement loss (insertion's is 1);
   None takes the run's `eval.refine_deletion_weight`, 1 (the paper's loss) for a run without it.
+  The run's `eval.refine_normalize_scores` and `eval.refine_scale` set how the sort sees the map
+  (RefineConfig.scale); a run without them gets RefineConfig's (normalised scores, scale 1).
   overrides: RefineConfig fields to set last, {'tau': 0.1, 'grids': (7, 14),
   'objective.num_iters': 50, ...} (evaluate.py --refine_set); an unknown field is an error.
   """
@@ -105,13 +107,17 @@ def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
   if deletion_weight is None:
     deletion_weight = config.eval.get("refine_deletion_weight",
                                       refine_lib.RefineConfig.objective.deletion_weight)
-  objective = dataclasses.replace(refine_lib.RefineConfig.objective,
-                                  deletion_weight=deletion_weight)
+  default = refine_lib.RefineConfig()
+  objective = dataclasses.replace(
+      default.objective, deletion_weight=deletion_weight,
+      normalize_scores=config.eval.get("refine_normalize_scores",
+                                       default.objective.normalize_scores))
   settings = refine_lib.RefineConfig(
       steps=steps, learning_rate=learning_rate, num_samples=num_samples,
       grids=tuple(sorted(config.grids))[len(config.grids) // 2:][:2],
       references=tuple(config.references), mean_color=tuple(config.mean_color),
-      blur_size=config.blur_size, blur_sigma=config.blur_sigma, objective=objective)
+      blur_size=config.blur_size, blur_sigma=config.blur_sigma,
+      scale=config.eval.get("refine_scale", default.scale), objective=objective)
   known = [f.name for f in dataclasses.fields(settings) if f.name != "objective"]
   known += [f"objective.{f.name}" for f in dataclasses.fields(settings.objective)]
   for field, value in (overrides or {}).items():
@@ -487,7 +493,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"l2r_refined: {r['steps']} steps of Adam at learning rate {r['learning_rate']:g}, "
               f"{r['num_samples']} samples per step on grids {tuple(r['grids'])}, tau "
               f"{r['tau']:g}, references {', '.join(r['references'])}, deletion weight "
-              f"{r.get('objective', {}).get('deletion_weight', 1.0):g}.", ""]
+              f"{r.get('objective', {}).get('deletion_weight', 1.0):g}, "
+              + ("cell scores min-max normalised"
+                 if r.get("objective", {}).get("normalize_scores", True)
+                 else f"scale {r.get('scale', 1.0):g} (scores not normalised)") + ".", ""]
   methods = results["methods"]
   paired = "l2r" in methods and len(methods) > 1
   for name in results["protocols"]:

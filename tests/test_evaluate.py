@@ -351,3 +351,17 @@ def test_refine_settings_take_the_runs_learning_rate():
       evaluate.refine_settings(c, 10, overrides={bad: 1})
   with pytest.raises(ValueError, match="tau must be > 0"):
     evaluate.refine_settings(c, 10, overrides={"tau": 0.0})
+  # How the sort sees the map: the run's eval.refine_normalize_scores and eval.refine_scale;
+  # normalised scores at scale 1 for a run written before the fields existed.
+  old = vit_config.get_config()
+  del old.eval["refine_normalize_scores"], old.eval["refine_scale"]
+  settings = evaluate.refine_settings(old, 10)
+  assert settings.objective.normalize_scores and settings.scale == 1.0
+  c = vit_config.get_config()
+  c.eval.refine_normalize_scores, c.eval.refine_scale = False, 5.0
+  settings = evaluate.refine_settings(c, 10)
+  assert not settings.objective.normalize_scores and settings.scale == 5.0
+  assert evaluate.refine_settings(c, 10, overrides={"scale": 2.0}).scale == 2.0
+  c.eval.refine_scale = -1.0
+  with pytest.raises(ValueError, match="scale must be > 0"):
+    evaluate.refine_settings(c, 10)

@@ -338,14 +338,16 @@ def test_refine_settings_take_the_runs_learning_rate():
   del old.eval["refine_deletion_weight"]
   assert evaluate.refine_settings(old, 10).objective.deletion_weight == 1.0
   settings = evaluate.refine_settings(c, 10, deletion_weight=0.5).objective
-  assert settings.normalize_scores and settings.num_fractions == 16  # the rest as before
+  # The rest as the config has it (ImageNet: unnormalised scores at scale 12).
+  assert not settings.normalize_scores and settings.num_fractions == 16
   with pytest.raises(ValueError, match="deletion_weight"):
     evaluate.refine_settings(c, 10, deletion_weight=-1.0)
   # Any RefineConfig field, the objective's as objective.X, set last; lists become tuples.
   set_ = evaluate.refine_settings(c, 10, overrides={"tau": 0.1, "grids": [7, 14],
                                                     "objective.num_iters": 50})
   assert set_.tau == 0.1 and set_.grids == (7, 14) and set_.objective.num_iters == 50
-  assert set_.learning_rate == 0.3 and set_.objective.normalize_scores  # the rest kept
+  assert set_.learning_rate == 0.3 and set_.scale == 12.0  # the rest kept
+  assert not set_.objective.normalize_scores
   for bad in ("tua", "objective.tua", "objective.x.y"):
     with pytest.raises(ValueError, match=r"unknown refinement field .*the fields are steps"):
       evaluate.refine_settings(c, 10, overrides={bad: 1})

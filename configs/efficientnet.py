@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
   # (z 3.4), insertion +0.029; 1.0 lost insertion under every protocol (BENCHMARKS.md, ImageNet).
   c.eval.refine_learning_rate = 0.3
   # Refinement's sort sees the standardised map x 12 against the Gumbel noise, unnormalised (the
-  # explainer's own maps have std ~10-17 here, as in training), not min-max normalised scores
+  # explainer's own maps have std ~8-17 here, as in training), not min-max normalised scores
   # (whose cells swap freely under the noise): paired on the 12 held-out images, insertion +0.080
   # (z 4.2) paper, +0.071 (z 2.8) black, +0.031 noise, black deletion -0.013 (z 2.7)
   # (BENCHMARKS.md, ImageNet, "the sort's scale in refinement").

@@ -13,7 +13,7 @@ of any scale (gradients ~1e-3, logits ~10) start from the same place. Adam moves
 standardised map z; the loss sees `scale` x z. The scale sets how sharp the soft sort is
 against the Gumbel noise (of scale 1): the anchors' cost 2 a_j s_i separates two cells by
 2 |s_i - s_k|, so at scale 1 neighbouring cells swap freely, while the explainer ends its
-training with maps of std ~10 (EfficientNet-Lite0 on ImageNet), where the sort is sharp. With
+training with maps of std ~8 to 17 (EfficientNet-Lite0 on ImageNet), where the sort is sharp. With
 ObjectiveConfig.normalize_scores the cell scores are min-max normalised onto the anchors' [0, 1]
 first, and only the peak penalty (quadratic in the map) feels the scale.
 

@@ -102,12 +102,12 @@ def refine_settings(config: Any, steps: int, learning_rate: float | None = None,
   overrides: RefineConfig fields to set last, {'tau': 0.1, 'grids': (7, 14),
   'objective.num_iters': 50, ...} (evaluate.py --refine_set); an unknown field is an error.
   """
+  default = refine_lib.RefineConfig()
   if learning_rate is None:
-    learning_rate = config.eval.get("refine_learning_rate", refine_lib.RefineConfig.learning_rate)
+    learning_rate = config.eval.get("refine_learning_rate", default.learning_rate)
   if deletion_weight is None:
     deletion_weight = config.eval.get("refine_deletion_weight",
-                                      refine_lib.RefineConfig.objective.deletion_weight)
-  default = refine_lib.RefineConfig()
+                                      default.objective.deletion_weight)
   objective = dataclasses.replace(
       default.objective, deletion_weight=deletion_weight,
       normalize_scores=config.eval.get("refine_normalize_scores",
@@ -490,13 +490,13 @@ def markdown(results: dict[str, Any]) -> str:
               f"per_image.npz with scripts/merge_evaluations.py).", ""]
   if "refine" in results:
     r = results["refine"]
+    objective = r.get("objective", {})  # results.json of older runs may lack these fields
+    sort = ("cell scores min-max normalised" if objective.get("normalize_scores", True)
+            else f"scale {r.get('scale', 1.0):g} (scores not normalised)")
     lines += [f"l2r_refined: {r['steps']} steps of Adam at learning rate {r['learning_rate']:g}, "
               f"{r['num_samples']} samples per step on grids {tuple(r['grids'])}, tau "
               f"{r['tau']:g}, references {', '.join(r['references'])}, deletion weight "
-              f"{r.get('objective', {}).get('deletion_weight', 1.0):g}, "
-              + ("cell scores min-max normalised"
-                 if r.get("objective", {}).get("normalize_scores", True)
-                 else f"scale {r.get('scale', 1.0):g} (scores not normalised)") + ".", ""]
+              f"{objective.get('deletion_weight', 1.0):g}, {sort}.", ""]
   methods = results["methods"]
   paired = "l2r" in methods and len(methods) > 1
   for name in results["protocols"]:

@@ -78,8 +78,7 @@ class RefineConfig:
       checks.choice(r, perturb.REFERENCES, "refine references")
     if self.tau <= 0:
       raise ValueError(f"refine tau must be > 0, got {self.tau}")
-    if not self.scale > 0:
-      raise ValueError(f"refine scale must be > 0, got {self.scale}")
+    checks.positive(self.scale, "refine scale")
 
 
 def _samples(config: RefineConfig) -> list[tuple[int, str]]:

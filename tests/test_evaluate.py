@@ -365,5 +365,5 @@ def test_refine_settings_take_the_runs_learning_rate():
   assert not settings.objective.normalize_scores and settings.scale == 5.0
   assert evaluate.refine_settings(c, 10, overrides={"scale": 2.0}).scale == 2.0
   c.eval.refine_scale = -1.0
-  with pytest.raises(ValueError, match="scale must be > 0"):
+  with pytest.raises(ValueError, match="scale must be a finite number > 0"):
     evaluate.refine_settings(c, 10)

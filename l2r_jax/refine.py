@@ -66,8 +66,7 @@ class RefineConfig:
   def __post_init__(self):
     checks.static_int(self.steps, "refine steps", minimum=0)
     checks.static_int(self.num_samples, "refine num_samples")
-    if not self.learning_rate > 0:
-      raise ValueError(f"refine learning_rate must be > 0, got {self.learning_rate}")
+    checks.positive(self.learning_rate, "refine learning_rate")
     if not self.grids:
       raise ValueError("refine grids must hold at least one grid size")
     for g in self.grids:
@@ -76,8 +75,7 @@ class RefineConfig:
       raise ValueError(f"refine references must name at least one of {perturb.REFERENCES}")
     for r in self.references:
       checks.choice(r, perturb.REFERENCES, "refine references")
-    if self.tau <= 0:
-      raise ValueError(f"refine tau must be > 0, got {self.tau}")
+    checks.positive(self.tau, "refine tau")
     checks.positive(self.scale, "refine scale")
 
 

@@ -329,7 +329,7 @@ def test_refine_settings_take_the_runs_learning_rate():
   five = evaluate.refine_settings(c, 5)  # the finer half of (7, 14, 28)
   assert five.grids == (14, 28) and five.steps == 5 and five.references == tuple(c.references)
   c.eval.refine_learning_rate = 0.0
-  with pytest.raises(ValueError, match="learning_rate must be > 0"):
+  with pytest.raises(ValueError, match="learning_rate must be a finite number > 0"):
     evaluate.refine_settings(c, 10)
   # The deletion weight likewise: the run's (1, the paper's loss), a given one, 1 for old runs.
   c = efficientnet_config.get_config()
@@ -351,7 +351,7 @@ def test_refine_settings_take_the_runs_learning_rate():
   for bad in ("tua", "objective.tua", "objective.x.y"):
     with pytest.raises(ValueError, match=r"unknown refinement field .*the fields are steps"):
       evaluate.refine_settings(c, 10, overrides={bad: 1})
-  with pytest.raises(ValueError, match="tau must be > 0"):
+  with pytest.raises(ValueError, match="tau must be a finite number > 0"):
     evaluate.refine_settings(c, 10, overrides={"tau": 0.0})
   # How the sort sees the map: the run's eval.refine_normalize_scores and eval.refine_scale;
   # normalised scores at scale 1 for a run written before the fields existed.

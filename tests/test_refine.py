@@ -142,5 +142,7 @@ def test_bad_inputs():
     refine.RefineConfig(steps=-1)
   with pytest.raises(ValueError, match="references"):
     refine.RefineConfig(references=("grey",))
-  with pytest.raises(ValueError, match="scale"):
-    refine.RefineConfig(scale=0.0)
+  for field in ("scale", "tau", "learning_rate"):
+    for bad in (0.0, -1.0, float("inf")):
+      with pytest.raises(ValueError, match=f"refine {field} must be a finite number > 0"):
+        refine.RefineConfig(**{field: bad})

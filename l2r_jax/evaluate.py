@@ -47,8 +47,11 @@ from l2r_jax import refine as refine_lib
 Array = jax.Array
 PROTOCOLS = ("paper", "paper_label", "black", "blur", "noise", "patch", "rise", "chefer")
 L2R_METHODS = ("l2r", "l2r_refined")
+# Every method but 'cam' (for heads that average-pool; Grad-CAM's equal on them). Signed IG is
+# in: it is a different ranking from IG's absolute value, and on the demo it deletes best.
 DEFAULT_METHODS = ("l2r", "l2r_refined", "random", "gradient", "gradient_x_input",
-                   "integrated_gradients", "smoothgrad", "gradcam", "rollout", "rise")
+                   "integrated_gradients", "integrated_gradients_signed", "smoothgrad", "gradcam",
+                   "rollout", "rise")
 DEFAULT_PROTOCOLS = ("paper", "paper_label", "black", "blur", "noise", "chefer")
 # Scores where lower is better, for the table's arrows.
 LOWER_IS_BETTER = {"deletion": True, "insertion": False, "pos": True, "neg": False}

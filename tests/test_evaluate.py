@@ -237,6 +237,21 @@ def test_compare_runs_pairs_the_same_images(run, capsys):
   rest = {k: v[np.setdiff1d(np.arange(12), rows_b)] for k, v in base.items()}
   with pytest.raises(ValueError, match="no image in common"):
     compare_runs.compare(rest, part, "l2r", "l2r")
+  # Only the images predicted as (or not as) given classes, against the same cut by hand.
+  # (The smoke target predicts one class for all 12: three made-up classes stand in.)
+  predicted = np.arange(12) % 3
+  three = dict(base, _predicted=predicted)
+  for kwargs, rows in ((dict(keep_classes=[1]), predicted == 1),
+                       (dict(drop_classes=[1]), predicted != 1),
+                       (dict(keep_classes=[0, 2]), predicted != 1)):
+    got = {r["score"]: r for r in compare_runs.compare(three, three, "l2r", "random", **kwargs)}
+    d = base["random/paper/deletion"][rows] - base["l2r/paper/deletion"][rows]
+    assert got["paper/deletion"]["n"] == rows.sum()
+    np.testing.assert_allclose(got["paper/deletion"]["diff"], compare_runs.mean_se(d), atol=1e-7)
+  with pytest.raises(ValueError, match="0 image.s. left"):
+    compare_runs.compare(three, three, "l2r", "random", keep_classes=[3])
+  with pytest.raises(ValueError, match="not both"):
+    compare_runs.compare(three, three, "l2r", "random", keep_classes=[1], drop_classes=[2])
 
 
 def test_a_chunk_scores_its_images_as_the_whole_evaluation_does(run, tmp_path):

@@ -42,7 +42,7 @@ def base() -> ml_collections.ConfigDict:
   # ranking must hold beyond the references it was trained on. test_configs checks it.
   c.eval.unseen_protocol = "noise"
   # Test-time refinement's Adam learning rate on the standardised map (evaluate.py's
-  # 'l2r_refined', explain.py --refine_steps); the MNIST and CIFAR-10 results were measured at 0.1.
+  # 'l2r_refined', explain.py --refine_steps); the CIFAR-10 results were measured at 0.1.
   c.eval.refine_learning_rate = 0.1
   # The weight of the deletion AUC in the refinement loss, insertion's being 1 (the paper's: 1).
   c.eval.refine_deletion_weight = 1.0

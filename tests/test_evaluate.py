@@ -42,8 +42,8 @@ def test_outputs(run):
   assert len(on_disk["curves"]["l2r"]["deletion"]) == 21
   # What l2r_refined ran with: the call's steps and samples, the run's learning rate.
   assert on_disk["refine"]["steps"] == 2 and on_disk["refine"]["num_samples"] == 2
-  assert on_disk["refine"]["learning_rate"] == 0.1
-  assert "l2r_refined: 2 steps of Adam at learning rate 0.1" in open(
+  assert on_disk["refine"]["learning_rate"] == 0.3  # configs/vit.py's
+  assert "l2r_refined: 2 steps of Adam at learning rate 0.3" in open(
       os.path.join(workdir, "results.md")).read()
   # The paired differences to l2r: their mean is the difference of the means; the s.e. of a
   # difference never exceeds the two s.e.s added (triangle inequality).
@@ -336,7 +336,9 @@ def test_refine_settings_take_the_runs_learning_rate():
   c = efficientnet_config.get_config()
   assert evaluate.refine_settings(c, 10).learning_rate == 0.3
   assert evaluate.refine_settings(c, 10, learning_rate=0.05).learning_rate == 0.05
-  assert evaluate.refine_settings(vit_config.get_config(), 10).learning_rate == 0.1
+  assert evaluate.refine_settings(vit_config.get_config(), 10).learning_rate == 0.3
+  from configs import resnet as resnet_config
+  assert evaluate.refine_settings(resnet_config.get_config(), 10).learning_rate == 0.1
   old = vit_config.get_config()
   del old.eval["refine_learning_rate"]
   assert "refine_learning_rate" not in old.eval

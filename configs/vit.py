@@ -66,9 +66,10 @@ def get_config(arg: str | None = None):
   # explainer's maps have std ~5 here), not min-max normalised scores: paired on 100 held-out
   # digits, deletion -0.017 (z 4.6) paper, -0.007 black, -0.080 blur, -0.029 noise; insertion
   # +0.032 (z 7.2) paper, +0.025 black, +0.019 blur, noise -0.012 (z 1.4). At that scale a
-  # learning rate of 0.3, not 0.1, on 50 of them: deletion -0.117 (z 6.6) blur, -0.028 (z 3.3)
-  # noise, -0.029 paper (the 1s), blur insertion +0.017 (z 3.2), the rest within a standard error
-  # (BENCHMARKS.md, the embedded default, "the sort's scale in refinement").
+  # learning rate of 0.3, not 0.1, on the same 100: deletion -0.122 (z 9.3) blur, -0.029 (z 2.6)
+  # paper (the 1s), -0.024 (z 4.1) noise, -0.016 black; insertion +0.013 (z 3.3) blur, +0.018
+  # (z 2.0) noise, paper and black within 0.001 (BENCHMARKS.md, the embedded default, "the
+  # sort's scale in refinement").
   c.eval.refine_normalize_scores = False
   c.eval.refine_scale = 12.0
   c.eval.refine_learning_rate = 0.3

@@ -48,7 +48,7 @@ Array = jax.Array
 PROTOCOLS = ("paper", "paper_label", "black", "blur", "noise", "patch", "rise", "chefer")
 L2R_METHODS = ("l2r", "l2r_refined")
 # Every method but 'cam' (for heads that average-pool; Grad-CAM's equal on them). Signed IG is
-# in: it is a different ranking from IG's absolute value, and on the demo it deletes best.
+# in: a different ranking from IG's absolute value, the best deleter under black on the demo.
 DEFAULT_METHODS = ("l2r", "l2r_refined", "random", "gradient", "gradient_x_input",
                    "integrated_gradients", "integrated_gradients_signed", "smoothgrad", "gradcam",
                    "rollout", "rise")

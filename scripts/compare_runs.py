@@ -65,12 +65,10 @@ def common_images(base: dict[str, np.ndarray],
 
 def class_filter(predicted: np.ndarray, keep: Sequence[int] | None,
                  drop: Sequence[int] | None) -> np.ndarray:
-  """bool[n]: the images whose predicted class is in `keep` (None: any) and not in `drop`."""
+  """bool[n]: the images whose predicted class is in `keep`, or else not in `drop`."""
   if keep is not None and drop is not None:
     raise ValueError("give the classes to keep or those to drop, not both")
-  if keep is not None:
-    return np.isin(predicted, keep)
-  return ~np.isin(predicted, drop) if drop is not None else np.ones(len(predicted), bool)
+  return np.isin(predicted, keep) if keep is not None else ~np.isin(predicted, drop)
 
 
 def compare(base: dict[str, np.ndarray], new: dict[str, np.ndarray], base_method: str,
@@ -85,13 +83,14 @@ def compare(base: dict[str, np.ndarray], new: dict[str, np.ndarray], base_method
     if key not in base or key not in new or not np.array_equal(base[key], new[key]):
       raise ValueError(f"the two evaluations did not score the same images ({key[1:]} differ): "
                        f"evaluate both with the same split and --num_examples")
-  rows = class_filter(base["_predicted"], keep_classes, drop_classes)
-  if rows.sum() < 2:
-    raise ValueError(f"{int(rows.sum())} image(s) left after keeping classes {keep_classes} / "
-                     f"dropping {drop_classes}: a paired standard error needs at least 2 "
-                     f"(predicted classes present: {sorted(set(base['_predicted'].tolist()))})")
-  base = {k: v[rows] for k, v in base.items()}
-  new = {k: v[rows] for k, v in new.items()}
+  if keep_classes is not None or drop_classes is not None:
+    rows = class_filter(base["_predicted"], keep_classes, drop_classes)
+    if rows.sum() < 2:
+      raise ValueError(f"{int(rows.sum())} image(s) left after keeping classes {keep_classes} / "
+                       f"dropping {drop_classes}: a paired standard error needs at least 2 "
+                       f"(predicted classes present: {sorted(set(base['_predicted'].tolist()))})")
+    base = {k: v[rows] for k, v in base.items()}
+    new = {k: v[rows] for k, v in new.items()}
   prefix_a, prefix_b = f"{base_method}/", f"{new_method}/"
   scores_a = {k[len(prefix_a):] for k in base if k.startswith(prefix_a)}
   scores_b = {k[len(prefix_b):] for k in new if k.startswith(prefix_b)}

@@ -47,8 +47,8 @@ def base() -> ml_collections.ConfigDict:
   # The weight of the deletion AUC in the refinement loss, insertion's being 1 (the paper's: 1).
   c.eval.refine_deletion_weight = 1.0
   # How refinement's soft sort sees the standardised map (refine.RefineConfig.scale): min-max
-  # normalised cell scores (scale moot), as the CIFAR-10 results were measured; or,
-  # with normalisation off, scale x the standardised map against the Gumbel noise.
+  # normalised cell scores (scale moot); or, with normalisation off, scale x the standardised
+  # map against the Gumbel noise (the CIFAR-10, ImageNet and demo configs: x 12).
   c.eval.refine_normalize_scores = True
   c.eval.refine_scale = 1.0
 

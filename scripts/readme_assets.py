@@ -6,7 +6,8 @@
 
 copies the run's `examples.png` to docs/examples.png and rewrites the table between the
 `<!-- results:begin -->` and `<!-- results:end -->` lines of README.md from its `results.json`
-(never by hand: tests/test_readme.py runs this on a smoke run). --block names another pair of
+and, for the strongest baseline's paired gap to the refined map, its `per_image.npz` (never by
+hand: tests/test_readme.py runs this on a smoke run). --block names another pair of
 markers (`<!-- NAME:begin -->` ... `<!-- NAME:end -->`), for the tables of other benchmarks.
 """
 from __future__ import annotations
@@ -16,15 +17,20 @@ import json
 import os
 import shutil
 
+import numpy as np
+
+from compare_runs import mean_se
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def markers(block: str) -> tuple[str, str]:
   return f"<!-- {block}:begin", f"<!-- {block}:end -->"
 LOWER_IS_BETTER = {"deletion": True, "insertion": False}
 
 
-def table(results: dict) -> str:
+def table(results: dict, per_image: dict[str, np.ndarray] | None = None) -> str:
   """Markdown: a row per method, deletion / insertion AUC (mean +- s.e.) per protocol, seconds
-  per image; the best mean of each column in bold; then `paired_table`."""
+  per image; the best mean of each column in bold; then `paired_table` (`per_image`: the run's
+  per_image.npz, for its gaps to the refined map)."""
   methods = results["methods"]
   protocols = [p for p in results["protocols"] if results["protocols"][p] != "chefer"]
   if not protocols:
@@ -48,42 +54,60 @@ def table(results: dict) -> str:
       cell = f"{s['mean']:.3f} +- {s['se']:.3f}"
       cells.append(f"**{cell}**" if s["mean"] == best[p, k] else cell)
     lines.append(f"| {method} | " + " | ".join(cells) + f" | {row['seconds_per_image']:.4f} |")
-  paired = paired_table(results, columns)
+  paired = paired_table(results, columns, per_image)
   return "\n".join(lines + (["", paired] if paired else []))
 
 
-def paired_table(results: dict, columns: list[tuple[str, str]]) -> str:
+def paired_table(results: dict, columns: list[tuple[str, str]],
+                 per_image: dict[str, np.ndarray] | None = None) -> str:
   """Markdown: per column, the refined map and the strongest baseline against the single pass,
   as paired per-image differences (method - l2r, mean +- s.e., z = mean / s.e.): the same images
-  under both, so the gap's standard error is that of the differences, not of either mean. Empty
-  when results.json has no paired differences (no 'l2r' among its methods)."""
+  under both, so the gap's standard error is that of the differences, not of either mean. With
+  `per_image` (the run's per_image.npz) and a refined map among the methods, a last column gives
+  the strongest baseline against the refined map, paired the same way. Empty when results.json
+  has no paired differences (no 'l2r' among its methods)."""
   methods = results["methods"]
   if "l2r" not in methods:
     return ""
 
+  def cell(mean, se):
+    z = f"{mean / se:+.1f}" if se > 0 else "n/a"
+    return f"{mean:+.3f} +- {se:.3f} (z {z})"
+
   def diff(method, p, k):
     d = methods[method][p].get(f"{k}_minus_l2r")
-    if d is None:
-      return "-"
-    z = f"{d['mean'] / d['se']:+.1f}" if d["se"] > 0 else "n/a"
-    return f"{d['mean']:+.3f} +- {d['se']:.3f} (z {z})"
+    return "-" if d is None else cell(d["mean"], d["se"])
 
+  def diff_refined(method, p, k):
+    """method - l2r_refined per image, from per_image.npz (both rows are the same images)."""
+    a, b = per_image[f"{method}/{p}/{k}"], per_image[f"l2r_refined/{p}/{k}"]
+    if not len(a) == len(b) == methods[method][p][k]["n"]:
+      raise ValueError(f"per_image.npz has {len(a)} / {len(b)} scores of {method} / l2r_refined "
+                       f"for {p} {k}, results.json {methods[method][p][k]['n']}: they are not "
+                       f"from the same evaluation")
+    return cell(*mean_se(a.astype(np.float64) - b.astype(np.float64)))
+
+  refined = "l2r_refined" in methods
+  against_refined = refined and per_image is not None
   baselines = [m for m in methods if not m.startswith("l2r")]
+  heads = ["protocol", "metric", "l2r", "l2r_refined - l2r", "best baseline", "baseline - l2r"]
+  if against_refined:
+    heads.append("baseline - l2r_refined")
   lines = ["Paired per image against the single pass (method - l2r, mean +- s.e., z = mean / "
-           "s.e.; a win for l2r is a positive deletion gap and a negative insertion gap):", "",
-           "| protocol | metric | l2r | l2r_refined - l2r | best baseline | baseline - l2r |",
-           "| --- | --- | --- | --- | --- | --- |"]
+           "s.e.; a win for l2r is a positive deletion gap and a negative insertion gap)"
+           + (" and, last column, the best baseline against the refined map:" if against_refined
+              else ":"), "",
+           "| " + " | ".join(heads) + " |", "|" + " --- |" * len(heads)]
   for p, k in columns:
     l2r = methods["l2r"][p][k]
-    refined = diff("l2r_refined", p, k) if "l2r_refined" in methods else "-"
+    cells = [p, k, f"{l2r['mean']:.3f} +- {l2r['se']:.3f}",
+             diff("l2r_refined", p, k) if refined else "-"]
     means = {m: methods[m][p][k]["mean"] for m in baselines}
-    if means:
-      best = (min if LOWER_IS_BETTER[k] else max)(means, key=means.get)
-      baseline, gap = f"{best} ({means[best]:.3f})", diff(best, p, k)
-    else:
-      baseline, gap = "-", "-"
-    lines.append(f"| {p} | {k} | {l2r['mean']:.3f} +- {l2r['se']:.3f} | {refined} | {baseline} "
-                 f"| {gap} |")
+    best = (min if LOWER_IS_BETTER[k] else max)(means, key=means.get) if means else None
+    cells += [f"{best} ({means[best]:.3f})", diff(best, p, k)] if best else ["-", "-"]
+    if against_refined:
+      cells.append(diff_refined(best, p, k) if best else "-")
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -110,10 +134,14 @@ def main() -> None:
                    f"{args.workdir} first")
   with open(os.path.join(args.workdir, "results.json")) as f:
     results = json.load(f)
+  per_image = None
+  if os.path.exists(os.path.join(args.workdir, "per_image.npz")):
+    with np.load(os.path.join(args.workdir, "per_image.npz")) as data:
+      per_image = dict(data)
   os.makedirs(os.path.dirname(os.path.abspath(args.figure)), exist_ok=True)
   shutil.copy(os.path.join(args.workdir, "examples.png"), args.figure)
   with open(args.readme) as f:
-    text = rewrite(f.read(), table(results), args.block)
+    text = rewrite(f.read(), table(results, per_image), args.block)
   with open(args.readme, "w") as f:
     f.write(text)
   print(f"wrote {args.figure} and the results table of {args.readme}")

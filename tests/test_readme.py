@@ -200,5 +200,25 @@ def test_readme_assets_paired_table_picks_the_strongest_baseline():
           "+0.050 +- 0.010 (z +5.0) |") in text
   assert ("| paper | insertion | 0.600 +- 0.010 | +0.020 +- 0.004 (z +5.0) | rise (0.650) | "
           "+0.050 +- 0.020 (z +2.5) |") in text
+  assert "baseline - l2r_refined" not in text  # no per-image scores given
+  # With the run's per-image scores, the best baseline against the refined map, paired: RISE's
+  # deletion minus the refined map's is (0.02, 0.04, 0.06, 0.08) -> mean 0.05, s.e. of the four
+  # (ddof 1) 0.0129 -> z +3.9; its insertion gap (0.01, 0.05, 0.03, 0.03) -> 0.03 +- 0.0082.
+  refined = np.array([0.10, 0.20, 0.30, 0.40])
+  per_image = {"l2r_refined/paper/deletion": refined,
+               "rise/paper/deletion": refined + [0.02, 0.04, 0.06, 0.08],
+               "l2r_refined/paper/insertion": refined,
+               "rise/paper/insertion": refined + [0.01, 0.05, 0.03, 0.03]}
+  for m in results["methods"].values():
+    m["paper"]["deletion"]["n"] = m["paper"]["insertion"]["n"] = 4
+  text = readme_assets.table(results, per_image)
+  assert "| baseline - l2r_refined |" in text
+  assert ("| paper | deletion | 0.200 +- 0.010 | -0.020 +- 0.005 (z -4.0) | rise (0.250) | "
+          "+0.050 +- 0.010 (z +5.0) | +0.050 +- 0.013 (z +3.9) |") in text
+  assert ("| paper | insertion | 0.600 +- 0.010 | +0.020 +- 0.004 (z +5.0) | rise (0.650) | "
+          "+0.050 +- 0.020 (z +2.5) | +0.030 +- 0.008 (z +3.7) |") in text
+  results["methods"]["rise"]["paper"]["deletion"]["n"] = 5  # scores of another evaluation
+  with pytest.raises(ValueError, match="not from the same evaluation"):
+    readme_assets.table(results, per_image)
   del results["methods"]["l2r"]
   assert "Paired" not in readme_assets.table(results)

@@ -80,6 +80,10 @@ def paired_table(results: dict, columns: list[tuple[str, str]],
 
   def diff_refined(method, p, k):
     """method - l2r_refined per image, from per_image.npz (both rows are the same images)."""
+    missing = [m for m in (method, "l2r_refined") if f"{m}/{p}/{k}" not in per_image]
+    if missing:
+      raise ValueError(f"per_image.npz has no {p} {k} scores of {', '.join(missing)}: it is not "
+                       f"from the evaluation that wrote results.json")
     a, b = per_image[f"{method}/{p}/{k}"], per_image[f"l2r_refined/{p}/{k}"]
     if not len(a) == len(b) == methods[method][p][k]["n"]:
       raise ValueError(f"per_image.npz has {len(a)} / {len(b)} scores of {method} / l2r_refined "

@@ -217,6 +217,9 @@ def test_readme_assets_paired_table_picks_the_strongest_baseline():
           "+0.050 +- 0.010 (z +5.0) | +0.050 +- 0.013 (z +3.9) |") in text
   assert ("| paper | insertion | 0.600 +- 0.010 | +0.020 +- 0.004 (z +5.0) | rise (0.650) | "
           "+0.050 +- 0.020 (z +2.5) | +0.030 +- 0.008 (z +3.7) |") in text
+  with pytest.raises(ValueError, match="no paper insertion scores of rise"):
+    readme_assets.table(results,
+                        {k: v for k, v in per_image.items() if k != "rise/paper/insertion"})
   results["methods"]["rise"]["paper"]["deletion"]["n"] = 5  # scores of another evaluation
   with pytest.raises(ValueError, match="not from the same evaluation"):
     readme_assets.table(results, per_image)

@@ -486,11 +486,19 @@ def markdown(results: dict[str, Any]) -> str:
   """results.json as Markdown: one table per protocol, mean +- standard error."""
   lines = [f"# Evaluation of {results['workdir']} ({results['target']}, split "
            f"{results['split']!r})", ""]
-  chunk = results.get("examples", {}).get("chunk")
-  if chunk:
-    lines += [f"Images {chunk[0]} to {chunk[1] - 1} of the draw of "
-              f"{results['examples']['num_examples'] or 'all'} (a chunk: merge the chunks' "
-              f"per_image.npz with scripts/merge_evaluations.py).", ""]
+  examples = results.get("examples", {})
+  chunk = examples.get("chunk")
+  draw = examples.get("num_examples") or "all"
+  parts = len(examples.get("parts", ()))
+  merged = f"merged from {parts} part{'s' if parts != 1 else ''}"
+  if chunk and parts:  # scripts/merge_evaluations.py: [[start, stop], ...]
+    lines += [f"Images {', '.join(f'{a} to {b - 1}' for a, b in chunk)} of the draw of {draw}, "
+              f"{merged}.", ""]
+  elif chunk:
+    lines += [f"Images {chunk[0]} to {chunk[1] - 1} of the draw of {draw} (a chunk: merge the "
+              f"chunks' per_image.npz with scripts/merge_evaluations.py).", ""]
+  elif parts:
+    lines += [f"The whole draw of {draw}, {merged}.", ""]
   if "refine" in results:
     r = results["refine"]
     objective = r.get("objective", {})  # results.json of older runs may lack these fields

@@ -14,15 +14,27 @@ per-image difference to it (the s.e. of the differences shows whether a gap is r
 --out, the merged per-image scores are written there, in the split's order (the order one
 evaluation of the same images gives; the parts' order for --assume_disjoint), for
 scripts/compare_runs.py.
+
+With --out_dir D, D becomes what one evaluation of all the parts' images would have written, for
+scripts/readme_assets.py: per_image.npz, results.json (each method's mean, standard error and n
+per score from the merged per-image scores; its seconds per image averaged over the parts,
+weighted by their images; the mean paper curves likewise), results.md and curves.png, and the
+examples.png of the part holding the draw's first images. That needs each part's results.json
+beside its per_image.npz, all from one run, draw, set of protocols and refinement (checked); the
+methods merged are those every part evaluated. Where the parts ran on different machines, jax
+versions or dates, results.json names each ("a / b").
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 
 import numpy as np
 
+from l2r_jax import evaluate
 from l2r_jax.evaluate import LOWER_IS_BETTER
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -105,10 +117,109 @@ def markdown(merged: dict[str, np.ndarray]) -> str:
   return "\n".join(lines)
 
 
+def merge_results(results: list[dict], merged: dict[str, np.ndarray],
+                  names: list[str]) -> dict:
+  """One results.json for the parts' results.json files (`results`, in `names`' order) and their
+  merged per-image scores (`merge`): the statistics recomputed from the per-image scores, as
+  evaluate.py computes them over one evaluation of the same images."""
+  if len(results) != len(names) or not results:
+    raise ValueError("give one results.json per part")
+  first = results[0]
+  for key in ("workdir", "split", "target", "protocols"):
+    for r, n in zip(results[1:], names[1:]):
+      if r.get(key) != first.get(key):
+        raise ValueError(f"{n} and {names[0]} differ in {key!r} ({r.get(key)!r} against "
+                         f"{first.get(key)!r}): the parts must be chunks of one evaluation")
+  draws = {r["examples"]["num_examples"] for r in results}
+  if len(draws) != 1:
+    raise ValueError(f"the parts are chunks of different draws (num_examples {sorted(draws)}): "
+                     f"evaluate every chunk with the same --num_examples")
+  methods = [m for m in first["methods"] if all(m in r["methods"] for r in results)]
+  if "l2r_refined" in methods:
+    for r, n in zip(results[1:], names[1:]):
+      if r.get("refine") != first.get("refine"):
+        raise ValueError(f"{n} refined with {r.get('refine')} and {names[0]} with "
+                         f"{first.get('refine')}: 'l2r_refined' must be one refinement")
+  sizes = np.asarray([r["examples"]["n"] for r in results], np.float64)
+  total = int(sizes.sum())
+  if total != len(merged["_labels"]):
+    raise ValueError(f"the parts' results.json count {total} images, their per_image.npz "
+                     f"{len(merged['_labels'])}: a results.json is not its per_image.npz's")
+
+  def joined(key: str) -> str:  # one value, or each part's ("a / b")
+    return " / ".join(dict.fromkeys(str(r[key]) for r in results if key in r))
+
+  out = {k: first[k] for k in ("workdir", "split", "target")}
+  out.update({k: joined(k) for k in ("devices", "jax", "date") if k in first})
+  limit = first["examples"]["num_examples"]
+  ranges: list[list[int]] = []  # the parts' chunks of the draw, adjacent ones joined
+  for start, stop in sorted(tuple(r["examples"]["chunk"] or (0, total)) for r in results):
+    if ranges and ranges[-1][1] == start:
+      ranges[-1][1] = stop
+    else:
+      ranges.append([start, stop])
+  # (a draw of all the split, num_examples 0, is whole only where a part was not a chunk)
+  whole = ((limit > 0 and ranges == [[0, limit]])
+           or any(r["examples"]["chunk"] is None for r in results))
+  out["examples"] = {"num_examples": limit, "chunk": None if whole else ranges, "n": total,
+                     "parts": list(names)}
+  out["methods"] = {}
+  out["protocols"] = first["protocols"]
+  if "l2r_refined" in methods and "refine" in first:
+    out["refine"] = first["refine"]
+  for method in methods:
+    seconds = [r["methods"][method]["seconds_per_image"] for r in results]
+    row: dict = {"seconds_per_image": float(np.dot(seconds, sizes) / sizes.sum())}
+    for protocol in first["protocols"]:
+      keys = [k for k in first["methods"][method][protocol] if not k.endswith("_minus_l2r")]
+      row[protocol] = {}
+      for k in keys:
+        x = merged.get(f"{method}/{protocol}/{k}")
+        want = sum(r["methods"][method][protocol][k]["n"] for r in results)
+        if x is None or len(x) != want:
+          raise ValueError(f"{method}'s {protocol} {k}: the per_image.npz files hold "
+                           f"{0 if x is None else len(x)} scores, the results.json files count "
+                           f"{want}: a results.json is not its per_image.npz's")
+        x = x.astype(np.float64)
+        mean, se = mean_se(x)
+        row[protocol][k] = {"mean": mean, "se": se, "n": len(x)}
+        ref = merged.get(f"l2r/{protocol}/{k}")
+        if method != "l2r" and "l2r" in methods and ref is not None:
+          mean, se = mean_se(x - ref.astype(np.float64))
+          row[protocol][f"{k}_minus_l2r"] = {"mean": mean, "se": se, "n": len(x)}
+    out["methods"][method] = row
+  if all("curves" in r for r in results):  # means over each part's images: weight by them
+    weights = [r["methods"][methods[0]]["paper"]["deletion"]["n"] for r in results]
+    out["curves"] = {m: {k: (np.average([r["curves"][m][k] for r in results], axis=0,
+                                         weights=weights)).tolist()
+                         for k in ("deletion", "insertion")} for m in methods}
+  return out
+
+
+def write_dir(out_dir: str, merged: dict[str, np.ndarray], results: dict,
+              part_dirs: list[str]) -> None:
+  """Writes what one evaluation of the merged images would have (module docstring)."""
+  os.makedirs(out_dir, exist_ok=True)
+  np.savez(os.path.join(out_dir, "per_image.npz"), **merged)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(evaluate.markdown(results))
+  if "curves" in results:
+    evaluate.plot_curves(results, os.path.join(out_dir, "curves.png"))
+  firsts = [(np.load(os.path.join(d, "per_image.npz"))["_index"].min(), d) for d in part_dirs]
+  figure = os.path.join(min(firsts)[1], "examples.png")
+  if os.path.exists(figure):
+    shutil.copy(figure, os.path.join(out_dir, "examples.png"))
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("parts", nargs="+", help="per_image.npz files or directories holding one")
   parser.add_argument("--out", help="write the merged per-image scores to this .npz")
+  parser.add_argument("--out_dir", help="write per_image.npz, results.json, results.md, "
+                      "curves.png and examples.png of the merged evaluation there (module "
+                      "docstring; each part a directory holding its results.json too)")
   parser.add_argument("--assume_disjoint", action="store_true",
                       help="merge parts that hold no '_index' (they cannot be checked)")
   args = parser.parse_args(argv)
@@ -124,6 +235,25 @@ def main(argv: list[str] | None = None) -> None:
   if args.out:
     np.savez(args.out, **merged)
     print(f"wrote {args.out}")
+  if args.out_dir:
+    dirs = [os.path.dirname(f) for _, f in loaded]
+    missing = [d for d in dirs if not os.path.isfile(os.path.join(d, "results.json"))]
+    if missing or args.assume_disjoint:
+      raise SystemExit("--out_dir needs each part's directory with its results.json and indexed "
+                       "per_image.npz (evaluate.py --chunk ... --output_dir D); "
+                       + (f"none in {', '.join(missing)}" if missing else
+                          "not with --assume_disjoint"))
+    results = []
+    for d in dirs:
+      with open(os.path.join(d, "results.json")) as f:
+        results.append(json.load(f))
+    try:
+      combined = merge_results(results, merged, dirs)
+    except ValueError as e:
+      raise SystemExit(str(e)) from None
+    write_dir(args.out_dir, merged, combined, dirs)
+    print(f"wrote {args.out_dir}: per_image.npz, results.json, results.md, curves.png, "
+          f"examples.png")
 
 
 if __name__ == "__main__":

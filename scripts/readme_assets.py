@@ -9,6 +9,7 @@ copies the run's `examples.png` to docs/examples.png and rewrites the table betw
 and, for the strongest baseline's paired gap to the refined map, its `per_image.npz` (never by
 hand: tests/test_readme.py runs this on a smoke run). --block names another pair of
 markers (`<!-- NAME:begin -->` ... `<!-- NAME:end -->`), for the tables of other benchmarks.
+--workdir may also be the --out_dir of scripts/merge_evaluations.py: an evaluation run in parts.
 """
 from __future__ import annotations
 

@@ -306,6 +306,72 @@ def test_a_chunk_scores_its_images_as_the_whole_evaluation_does(run, tmp_path):
                       write=False, verbose=False)
 
 
+def test_chunks_merge_into_the_whole_evaluations_results(run, tmp_path):
+  """merge_evaluations.py --out_dir: two chunks of the fixture's draw, evaluated apart, merge into
+  the results.json the whole evaluation wrote (means, standard errors, n, paired gaps, paper
+  curves), seconds per image weighted by each part's images, and the first part's figure; parts
+  of different refinements or a results.json that is not its per_image.npz's are refused."""
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+  import merge_evaluations
+  import readme_assets
+
+  workdir, whole = run
+  methods, protocols = ("l2r", "l2r_refined", "random"), ("paper", "chefer")
+  parts = [str(tmp_path / f"part{i}") for i in range(2)]
+  for out, chunk in zip(parts, ((0, 5), (5, 12))):
+    evaluate.evaluate(workdir, methods=methods, protocol_names=protocols, batch_size=4,
+                      refine_steps=2, refine_samples=2, chunk=chunk, output_dir=out,
+                      verbose=False)
+  out = str(tmp_path / "merged")
+  merge_evaluations.main([parts[1], parts[0], "--out_dir", out])  # any order
+  got = json.load(open(os.path.join(out, "results.json")))
+  assert got["examples"] == {"num_examples": 12, "chunk": None, "n": 12,
+                             "parts": [parts[1], parts[0]]}
+  assert list(got["methods"]) == list(methods) and list(got["protocols"]) == list(protocols)
+  assert got["refine"] == json.loads(json.dumps(whole["refine"]))  # tuples as JSON lists
+  assert got["target"] == whole["target"]
+  for m in methods:
+    for p in protocols:
+      assert set(got["methods"][m][p]) == set(whole["methods"][m][p]), (m, p)
+      for k, want in whole["methods"][m][p].items():
+        have = got["methods"][m][p][k]
+        assert have["n"] == want["n"] == 12, (m, p, k)
+        np.testing.assert_allclose([have["mean"], have["se"]], [want["mean"], want["se"]],
+                                   rtol=1e-4, atol=2e-6, err_msg=f"{m} {p} {k}")
+      for k in ("deletion", "insertion"):
+        if p == "paper":
+          np.testing.assert_allclose(got["curves"][m][k], whole["curves"][m][k], atol=2e-6)
+  sizes = (5, 7)
+  seconds = [json.load(open(os.path.join(d, "results.json")))["methods"]["l2r_refined"]
+             ["seconds_per_image"] for d in parts]
+  np.testing.assert_allclose(got["methods"]["l2r_refined"]["seconds_per_image"],
+                             np.dot(seconds, sizes) / 12, rtol=1e-9)
+  assert "The whole draw of 12, merged from 2 parts." in open(os.path.join(out,
+                                                                          "results.md")).read()
+  assert open(os.path.join(out, "examples.png"), "rb").read() == open(
+      os.path.join(parts[0], "examples.png"), "rb").read()
+  assert os.path.exists(os.path.join(out, "curves.png"))
+  per_image = dict(np.load(os.path.join(out, "per_image.npz")))
+  assert "| l2r_refined |" in readme_assets.table(got, per_image)
+  # One part alone is a chunk of the draw, said so.
+  merge_evaluations.main([parts[1], "--out_dir", str(tmp_path / "one")])
+  one = json.load(open(str(tmp_path / "one" / "results.json")))
+  assert one["examples"]["chunk"] == [[5, 12]] and one["examples"]["n"] == 7
+  assert "Images 5 to 11 of the draw of 12, merged from 1 part." in open(
+      str(tmp_path / "one" / "results.md")).read()
+  # Refused: another refinement in one part; a results.json that counts other images.
+  bad = json.load(open(os.path.join(parts[1], "results.json")))
+  bad["refine"]["learning_rate"] = 9.0
+  with pytest.raises(ValueError, match="must be one refinement"):
+    merge_evaluations.merge_results([got, bad], per_image, ["a", "b"])
+  with pytest.raises(ValueError, match="count 19 images"):
+    merge_evaluations.merge_results([got, one], per_image, ["a", "b"])
+  with pytest.raises(SystemExit, match="results.json"):
+    merge_evaluations.main([os.path.join(parts[0], "per_image.npz"), "--out_dir",
+                            str(tmp_path / "none"), "--assume_disjoint"])
+
+
 def test_a_methods_random_draw_does_not_depend_on_the_other_methods_or_the_batch(run):
   """The stochastic methods score the same alone as beside the other methods (their keys follow
   the method's name, not its place in --methods), and in batches of 4 as of 8 (each image's key

@@ -135,6 +135,8 @@ def merge_results(results: list[dict], merged: dict[str, np.ndarray],
     raise ValueError(f"the parts are chunks of different draws (num_examples {sorted(draws)}): "
                      f"evaluate every chunk with the same --num_examples")
   methods = [m for m in first["methods"] if all(m in r["methods"] for r in results)]
+  if not methods:
+    raise ValueError(f"no method was evaluated in every part ({', '.join(names)})")
   if "l2r_refined" in methods:
     for r, n in zip(results[1:], names[1:]):
       if r.get("refine") != first.get("refine"):

@@ -365,6 +365,8 @@ def test_chunks_merge_into_the_whole_evaluations_results(run, tmp_path):
   bad["refine"]["learning_rate"] = 9.0
   with pytest.raises(ValueError, match="must be one refinement"):
     merge_evaluations.merge_results([got, bad], per_image, ["a", "b"])
+  with pytest.raises(ValueError, match="no method was evaluated in every part"):
+    merge_evaluations.merge_results([got, dict(got, methods={})], per_image, ["a", "b"])
   with pytest.raises(ValueError, match="count 19 images"):
     merge_evaluations.merge_results([got, one], per_image, ["a", "b"])
   with pytest.raises(SystemExit, match="results.json"):

@@ -254,7 +254,27 @@ def test_compare_runs_pairs_the_same_images(run, capsys):
     compare_runs.compare(three, three, "l2r", "random", keep_classes=[1], drop_classes=[2])
 
 
-def test_a_chunk_scores_its_images_as_the_whole_evaluation_does(run, tmp_path):
+CHUNK_METHODS, CHUNK_PROTOCOLS = ("l2r", "l2r_refined", "random"), ("paper", "chefer")
+
+
+def evaluate_chunk(workdir, chunk, out):
+  return evaluate.evaluate(workdir, methods=CHUNK_METHODS, protocol_names=CHUNK_PROTOCOLS,
+                           batch_size=4, refine_steps=2, refine_samples=2, chunk=chunk,
+                           output_dir=out, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def chunk_part(run, tmp_path_factory):
+  """The images 5..11 of the fixture's 12-image draw evaluated as a chunk, into their own
+  output_dir: (that dir, the results, whether the workdir's results.json stayed untouched)."""
+  workdir, _ = run
+  before = open(os.path.join(workdir, "results.json")).read()
+  out = str(tmp_path_factory.mktemp("part"))
+  part = evaluate_chunk(workdir, (5, 12), out)
+  return out, part, open(os.path.join(workdir, "results.json")).read() == before
+
+
+def test_a_chunk_scores_its_images_as_the_whole_evaluation_does(run, chunk_part):
   """evaluate(chunk=...): the images 5..11 of the fixture's 12-image draw, written to their own
   output_dir, score as they did in the whole evaluation, the random and refined maps included
   (each image keeps its key); merged with the other chunk's scores, they give the whole table."""
@@ -264,13 +284,9 @@ def test_a_chunk_scores_its_images_as_the_whole_evaluation_does(run, tmp_path):
 
   workdir, results = run
   whole = dict(np.load(os.path.join(workdir, "per_image.npz")))
-  before = open(os.path.join(workdir, "results.json")).read()
-  methods = ("l2r", "l2r_refined", "random")
-  out = str(tmp_path / "part")
-  part = evaluate.evaluate(workdir, methods=methods, protocol_names=("paper",), batch_size=4,
-                           refine_steps=2, refine_samples=2, chunk=(5, 12), output_dir=out,
-                           verbose=False)
-  assert open(os.path.join(workdir, "results.json")).read() == before  # the workdir's untouched
+  methods = CHUNK_METHODS
+  out, part, untouched = chunk_part
+  assert untouched  # the workdir's results.json
   assert part["examples"] == {"num_examples": 12, "chunk": [5, 12], "n": 7}
   assert "Images 5 to 11 of the draw of 12" in open(os.path.join(out, "results.md")).read()
   got = dict(np.load(os.path.join(out, "per_image.npz")))
@@ -306,7 +322,7 @@ def test_a_chunk_scores_its_images_as_the_whole_evaluation_does(run, tmp_path):
                       write=False, verbose=False)
 
 
-def test_chunks_merge_into_the_whole_evaluations_results(run, tmp_path):
+def test_chunks_merge_into_the_whole_evaluations_results(run, chunk_part, tmp_path):
   """merge_evaluations.py --out_dir: two chunks of the fixture's draw, evaluated apart, merge into
   the results.json the whole evaluation wrote (means, standard errors, n, paired gaps, paper
   curves), seconds per image weighted by each part's images, and the first part's figure; parts
@@ -317,12 +333,9 @@ def test_chunks_merge_into_the_whole_evaluations_results(run, tmp_path):
   import readme_assets
 
   workdir, whole = run
-  methods, protocols = ("l2r", "l2r_refined", "random"), ("paper", "chefer")
-  parts = [str(tmp_path / f"part{i}") for i in range(2)]
-  for out, chunk in zip(parts, ((0, 5), (5, 12))):
-    evaluate.evaluate(workdir, methods=methods, protocol_names=protocols, batch_size=4,
-                      refine_steps=2, refine_samples=2, chunk=chunk, output_dir=out,
-                      verbose=False)
+  methods, protocols = CHUNK_METHODS, CHUNK_PROTOCOLS
+  parts = [str(tmp_path / "part0"), chunk_part[0]]
+  evaluate_chunk(workdir, (0, 5), parts[0])
   out = str(tmp_path / "merged")
   merge_evaluations.main([parts[1], parts[0], "--out_dir", out])  # any order
   got = json.load(open(os.path.join(out, "results.json")))

@@ -199,9 +199,12 @@ def merge_results(results: list[dict], merged: dict[str, np.ndarray],
 
 
 def write_dir(out_dir: str, merged: dict[str, np.ndarray], results: dict,
-              part_dirs: list[str]) -> None:
-  """Writes what one evaluation of the merged images would have (module docstring)."""
+              first_part: str) -> list[str]:
+  """Writes what one evaluation of the merged images would have (module docstring), the figure
+  from `first_part`, the directory of the part holding the draw's first images; the names
+  written."""
   os.makedirs(out_dir, exist_ok=True)
+  written = ["per_image.npz", "results.json", "results.md"]
   np.savez(os.path.join(out_dir, "per_image.npz"), **merged)
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=1)
@@ -209,10 +212,12 @@ def write_dir(out_dir: str, merged: dict[str, np.ndarray], results: dict,
     f.write(evaluate.markdown(results))
   if "curves" in results:
     evaluate.plot_curves(results, os.path.join(out_dir, "curves.png"))
-  firsts = [(np.load(os.path.join(d, "per_image.npz"))["_index"].min(), d) for d in part_dirs]
-  figure = os.path.join(min(firsts)[1], "examples.png")
+    written.append("curves.png")
+  figure = os.path.join(first_part, "examples.png")
   if os.path.exists(figure):
     shutil.copy(figure, os.path.join(out_dir, "examples.png"))
+    written.append("examples.png")
+  return written
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,9 +258,9 @@ def main(argv: list[str] | None = None) -> None:
       combined = merge_results(results, merged, dirs)
     except ValueError as e:
       raise SystemExit(str(e)) from None
-    write_dir(args.out_dir, merged, combined, dirs)
-    print(f"wrote {args.out_dir}: per_image.npz, results.json, results.md, curves.png, "
-          f"examples.png")
+    first_part = min(zip(loaded, dirs), key=lambda p: p[0][0]["_index"].min())[1]
+    written = write_dir(args.out_dir, merged, combined, first_part)
+    print(f"wrote {args.out_dir}: {', '.join(written)}")
 
 
 if __name__ == "__main__":
